@@ -1,0 +1,162 @@
+"""DDPO — Denoising Diffusion Policy Optimization (Black et al. 2023, arXiv 2305.13301).
+
+The denoising chain is an MDP whose actions are the stochastic DDIM steps; DDPO_IS applies
+PPO's clipped importance-sampled policy gradient to it, with one scalar reward per chain.
+Reference implementation: kvablack/ddpo-pytorch @1958463 (``scripts/train.py``).
+
+Implementation details (numbered as a checklist):
+1. Advantages use a per-prompt FIFO of rewards (``PerPromptStatTracker``); while a prompt has
+   fewer than ``stat_min_count`` rewards, the whole batch's mean/std is used. A is clipped
+   to ±``adv_clip_max`` and shared by every timestep of the chain.
+2. Each chain trains a random ⌊T·timestep_fraction⌋ of its steps; gradients accumulate over
+   those steps and the optimiser steps once per minibatch (upstream's accumulation).
+3. Log-probabilities are per-element means (``model.log_prob_reduction``), which is why the
+   clip range is tiny (1e-4).
+4. CFG is used at training time too: the log-prob is of the guided step that was sampled.
+5. Gradient norm clipped at ``max_grad_norm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+
+from rl4diffusion import keys
+from rl4diffusion.algorithms.base import Algorithm, make_optimizer
+from rl4diffusion.data import PerPromptStatTracker, collect_trajectories, make_replay_buffer, terminal_rewards
+
+
+@dataclass
+class DDPOConfig:
+    lr: float = 3e-4
+    """AdamW learning rate (paper: 3e-4 for SD1.5 LoRA)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    batch_size: int = 32
+    """Chains sampled per epoch (the environment's batch size)."""
+    minibatch_size: int = 8
+    """Chains per optimiser step; must divide batch_size."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    clip_range: float = 1e-4
+    """PPO clip ε on the per-step likelihood ratio."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to ±adv_clip_max."""
+    timestep_fraction: float = 1.0
+    """Fraction of each chain's steps that are trained."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    per_prompt_stat_tracking: bool = True
+    """Normalise rewards per prompt (True) or over the batch (False)."""
+    stat_buffer_size: int = 32
+    """Rewards kept per prompt."""
+    stat_min_count: int = 16
+    """Below this many rewards for a prompt, use the batch statistics."""
+
+    def validate(self) -> None:
+        from rl4diffusion.errors import ConfigError
+
+        if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
+            raise ConfigError(
+                f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size ({self.batch_size})"
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.lr <= 0 or self.clip_range <= 0 or self.num_inner_epochs < 1:
+            raise ConfigError("algo.lr and algo.clip_range must be > 0 and algo.num_inner_epochs ≥ 1")
+
+
+def ddpo_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> dict[str, torch.Tensor]:
+    """PPO's clipped surrogate on one denoising step — DDPO eq. (4) with PPO's clip (Schulman 2017, eq. 7).
+
+        ρ = exp(log π_θ(a|s) − log π_old(a|s))
+        loss_policy = mean( max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) )
+
+    Args:
+        log_prob: log π_θ of the sampled actions [B] (with grad).
+        old_log_prob: log π_old recorded at sampling time [B].
+        advantages: [B].
+    Returns:
+        ``loss_policy`` plus detached diagnostics ``approx_kl`` (½·mean Δlogp²) and ``clip_fraction``.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return {
+        "loss_policy": torch.maximum(unclipped, clipped).mean(),
+        "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().detach(),
+        "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
+    }
+
+
+class DDPO(Algorithm):
+    name = "ddpo"
+
+    def __init__(self, config: DDPOConfig, policy, reward, *, seed: int = 0):
+        super().__init__(policy, reward)
+        self.config = config
+        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
+        self.generator = torch.Generator(device=policy.device).manual_seed(seed)
+        self.buffer = make_replay_buffer(config.batch_size, config.minibatch_size, device=policy.device)
+
+    def collect(self, env) -> TensorDictBase:
+        batch = collect_trajectories(env, self.policy, generator=self.generator)
+        rewards = terminal_rewards(batch)
+        if self.config.per_prompt_stat_tracking:
+            advantages = self.stat_tracker.update(env.core.prompts_of(batch[keys.PROMPT_ID][:, 0]), rewards)
+        else:
+            advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
+        advantages = advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+        batch[keys.ADVANTAGE] = advantages[:, None].expand(batch.shape)  # (B, T): same A for every step
+        return batch
+
+    def update(self, batch: TensorDictBase) -> dict[str, float]:
+        cfg = self.config
+        num_chains, num_steps = batch.shape
+        steps_trained = max(1, int(num_steps * cfg.timestep_fraction))
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.num_inner_epochs):
+            self.buffer.empty()
+            self.buffer.extend(batch)  # items are whole chains [T]
+            for _ in range(num_chains // cfg.minibatch_size):
+                chains = self.buffer.sample()  # (M, T)
+                # each chain trains its own random subset of steps
+                order = torch.rand(chains.shape, generator=self.generator, device=chains.device).argsort(dim=1)
+                picked = chains[torch.arange(chains.shape[0])[:, None], order[:, :steps_trained]]  # (M, k)
+                for j in range(steps_trained):
+                    step = picked[:, j]  # (M,)
+                    out = self.policy.log_prob(step)
+                    terms = ddpo_loss(out.log_prob, step[keys.SAMPLE_LOG_PROB], step[keys.ADVANTAGE], cfg.clip_range)
+                    (terms["loss_policy"] / steps_trained).backward()
+                    for k, v in terms.items():
+                        totals[k] = totals.get(k, 0.0) + float(v.detach())
+                    count += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) * steps_trained
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        means = {k: v / max(count, 1) for k, v in totals.items()}
+        return {
+            "loss/policy": means["loss_policy"],
+            "diag/approx_kl": means["approx_kl"],
+            "diag/clip_fraction": means["clip_fraction"],
+            "diag/grad_norm": means["grad_norm"],
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "stat_tracker": self.stat_tracker.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stat_tracker.load_state_dict(state["stat_tracker"])
+        self.generator.set_state(state["generator"])

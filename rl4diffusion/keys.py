@@ -1,0 +1,27 @@
+"""The TensorDict keys every rl4diffusion component reads and writes, declared once.
+
+A trajectory batch has batch size [B, T] (torchrl convention: step outputs live under
+"next"). A preference batch has batch size [B]. See DESIGN.md for the table.
+"""
+
+# --- trajectories, batch [B, T] -------------------------------------------------------
+LATENTS = "latents"  # [C, H, W]  x_t
+TIMESTEP = "timestep"  # []  scheduler timestep t (float: flow models use sigma * 1000)
+STEP_INDEX = "step_index"  # []  index i of t in the sampling schedule (0 = noisiest)
+PROMPT_ID = "prompt_id"  # []  index into the environment's prompt list
+PROMPT_EMBEDS = "prompt_embeds"  # [L, D]  text conditioning
+ACTION = "action"  # [C, H, W]  x_{t-1} sampled
+SAMPLE_LOG_PROB = "sample_log_prob"  # []  log pi_behaviour(x_{t-1} | x_t, c)
+REWARD = "reward"  # [1]  r at the last step, 0 elsewhere (under "next")
+DONE = "done"  # [1]  True at the last step (under "next")
+TERMINATED = "terminated"  # [1]  same as done: the chain always ends at t = 0
+ADVANTAGE = "advantage"  # []  written by the algorithm that needs it
+NEXT = "next"
+
+# --- preference pairs, batch [B] ------------------------------------------------------
+LATENTS_W = "latents_w"  # [C, H, W]  clean latents x_0 of the preferred image
+LATENTS_L = "latents_l"  # [C, H, W]  clean latents x_0 of the other image
+LABEL = "label"  # []  1.0 when latents_w was preferred (always after loading)
+
+TRAJECTORY_KEYS = (LATENTS, TIMESTEP, STEP_INDEX, PROMPT_ID, PROMPT_EMBEDS, ACTION, SAMPLE_LOG_PROB)
+PAIR_KEYS = (PROMPT_EMBEDS, LATENTS_W, LATENTS_L)

@@ -1,0 +1,67 @@
+"""A run directory's outputs: metrics.jsonl, TensorBoard scalars and image grids."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+class RunLogger:
+    """Writes one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    Only the main process should own a RunLogger (pass ``enabled=False`` elsewhere).
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` (must hold "step" and "phase") to metrics.jsonl and TensorBoard."""
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(clean) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.writer is not None:
+            prefix = record["phase"] + ("/" + record["prompt_set"] if "prompt_set" in record else "")
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    tag = k if "/" in k else f"{prefix}/{k}"
+                    self.writer.add_scalar(tag, v, record["step"])
+
+    def save_images(self, images: torch.Tensor, name: str, nrow: int = 8) -> Path | None:
+        if not self.enabled:
+            return None
+        from torchvision.utils import save_image
+
+        path = self.run_dir / "images" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images.detach().float().cpu(), str(path), nrow=nrow, padding=1)
+        return path
+
+    def write_json(self, name: str, payload: dict) -> None:
+        """Write ``name`` atomically (temp file + rename) so a crash never leaves half a file."""
+        if not self.enabled:
+            return
+        path = self.run_dir / name
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

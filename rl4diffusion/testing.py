@@ -1,0 +1,69 @@
+"""Tiny randomly-initialised pipelines built from configs — for tests and benchmarks, no network.
+
+They have the real classes (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer,
+DDIMScheduler) at toy sizes, so every code path that loads SD1.5 runs on them.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def make_char_tokenizer(directory: str | Path | None = None, model_max_length: int = 16):
+    """A CLIPTokenizer over single characters (empty merges): every word splits into letters."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory or tempfile.mkdtemp(prefix="rl4d_tok_"))
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols:
+        vocab.setdefault(s, len(vocab))
+        vocab.setdefault(s + "</w>", len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=model_max_length
+    )
+
+
+def make_random_sd_pipeline(seed: int = 0, *, sample_size: int = 8, cross_attention_dim: int = 32):
+    """A StableDiffusionPipeline with random weights: 32×32 images, 8×8×4 latents, ~0.5 M parameters."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = make_char_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=cross_attention_dim, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, eos_token_id=1, bos_token_id=0,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 4,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
