@@ -160,8 +160,10 @@ class DiffusionPolicy(nn.Module):
         pipeline.scheduler = self.scheduler
 
         frozen_dtype = _DTYPES[cfg.dtype]
-        self.vae.requires_grad_(False).to(device=device, dtype=frozen_dtype).eval()
-        self.text_encoder.requires_grad_(False).to(device=device, dtype=frozen_dtype).eval()
+        for frozen in (self.vae, self.text_encoder):
+            frozen.requires_grad_(False).eval().to(device)
+            if frozen.dtype != frozen_dtype:
+                frozen.to(dtype=frozen_dtype)
         self.unet.to(device=device)
         if cfg.vae_slicing and hasattr(self.vae, "enable_slicing"):
             self.vae.enable_slicing()
@@ -169,7 +171,9 @@ class DiffusionPolicy(nn.Module):
         if cfg.train_mode == "lora":
             from peft import LoraConfig
 
-            self.unet.requires_grad_(False).to(dtype=frozen_dtype)
+            self.unet.requires_grad_(False)
+            if self.unet.dtype != frozen_dtype:
+                self.unet.to(dtype=frozen_dtype)
             lora = LoraConfig(
                 r=cfg.lora_rank,
                 lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
@@ -185,6 +189,8 @@ class DiffusionPolicy(nn.Module):
                     p.data = p.data.float()
         elif cfg.train_mode == "full":
             self.unet.requires_grad_(True).float()
+            # the reference is the pretrained network: a frozen copy taken before any update
+            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
         else:
             raise ConfigError(f"model.train_mode must be 'lora' or 'full', got {cfg.train_mode!r}")
         if cfg.gradient_checkpointing:
@@ -230,9 +236,7 @@ class DiffusionPolicy(nn.Module):
 
     # ------------------------------------------------------------------ the network
     def _denoiser(self, use_reference: bool) -> nn.Module:
-        if use_reference and self.config.train_mode == "full":
-            if self._reference_unet is None:  # a full fine-tune needs its own frozen copy
-                self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        if use_reference and self._reference_unet is not None:
             return self._reference_unet
         return self.unet
 

@@ -185,11 +185,20 @@ def _hydra_main():
 
     @hydra.main(config_path="conf", config_name="train", version_base="1.3")
     def entry(cfg: DictConfig) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
+            run(cfg, run_dir)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Exception as e:  # a bug, not bad input: keep the traceback in the run directory
+            import traceback
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            print(f"error: training failed with {type(e).__name__}: {e}. The full traceback is in "
+                  f"{run_dir / 'error.log'}; please include it when reporting the problem.", file=sys.stderr)
+            sys.exit(1)
 
     entry()
 
