@@ -13,8 +13,14 @@ is reported in one paragraph with exit code 2.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +29,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError
+
+
+class TrainingAborted(Exception):
+    """Training stopped on purpose (too many non-finite updates); the message says why."""
+
 
 log = logging.getLogger("rl4diffusion.train")
 CONF_DIR = Path(__file__).parent / "conf"
@@ -71,10 +82,89 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
+    """The directory this run writes to: a fresh one, or the run being resumed (checked for compatibility)."""
+    if cfg.resume:
+        resumed = Path(str(cfg.resume)).expanduser()
+        saved = resumed / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"resume={resumed}: no config.yaml there — is it a run directory of rl4diffusion.train?")
+        old = OmegaConf.load(saved)
+        for key in ("algo", "model", "reward", "prompts", "seed"):
+            a = OmegaConf.to_container(old, resolve=True).get(key)
+            b = OmegaConf.to_container(cfg, resolve=True).get(key)
+            if a != b:
+                raise ConfigError(f"resume={resumed}: its config differs from this one in '{key}' ({a!r} vs {b!r}). "
+                                  "Resume with the same algo/model/reward/prompts/seed (only epochs may grow).")
+        return resumed
+    if (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir, or continue "
+                          f"it with resume={run_dir}. Nothing was overwritten.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}). Choose a writable "
+                          "location with hydra.run.dir=/some/dir.") from None
+    return run_dir
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the loop to finish the current update, checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("received %s: finishing the current update, then checkpointing", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def is_finite_update(metrics: dict, policy) -> bool:
+    losses_ok = all(math.isfinite(v) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss"))
+    return losses_ok and all(torch.isfinite(p).all() for p in policy.trainable_parameters())
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train as ``cfg`` says and write the run directory; returns the summary."""
+    """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted)."""
     from rl4diffusion.algorithms import algorithm_classes, build_algorithm
     from rl4diffusion.algorithms.base import check_reward_compatible
+    from rl4diffusion.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        load_trainable_state,
+        rng_state,
+        save_checkpoint,
+        set_rng_state,
+        trainable_state,
+    )
+    from rl4diffusion.config import validate_train_config
     from rl4diffusion.data import terminal_rewards
     from rl4diffusion.envs import DenoisingEnv
     from rl4diffusion.evaluation import evaluate
@@ -84,15 +174,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rl4diffusion.runlog import RunLogger
 
     start = time.perf_counter()
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be ≥ 1, got {cfg.epochs}")
+    validate_train_config(cfg)
+    run_dir = prepare_run_dir(cfg, Path(run_dir))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    run_dir = Path(run_dir)
 
-    # 1. the primitives: reward, policy, prompts, algorithm, environment
+    # 1. the primitives: reward, prompts, policy, algorithm, environment (cheap checks before the model loads)
     reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
     reward = build_reward(reward_options.pop("name"), device=device, **reward_options)
     model_options = OmegaConf.to_container(cfg.model, resolve=True)
@@ -101,26 +190,41 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         raise ConfigError(f"unknown model option(s): {', '.join(unknown)}. Valid: {', '.join(PolicyConfig.__dataclass_fields__)}.")
     algo_options = OmegaConf.to_container(cfg.algo, resolve=True)
     algo_name = algo_options.pop("name")
-    check_reward_compatible(algorithm_classes(algo_name)[0], reward)  # fail before loading the model
+    check_reward_compatible(algorithm_classes(algo_name)[0], reward)
     prompts = resolve_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
+    eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
+    eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec) for i, spec in enumerate(eval_specs)}
     policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
     algorithm = build_algorithm(algo_name, algo_options, policy, reward, seed=int(cfg.seed))
     env = DenoisingEnv(policy, reward, prompts, batch_size=int(getattr(algorithm.config, "batch_size", 8)))
     env.set_seed(int(cfg.seed))
-    eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
-    eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec) for i, spec in enumerate(eval_specs)}
 
+    # 2. loop state, restored from the latest checkpoint when resuming
+    loop = {"epoch": 0, "base": None, "last_eval": None, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
+            "wall_before": 0.0}
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if checkpoint is not None:
+        saved = load_checkpoint(checkpoint, policy)
+        algorithm.load_state_dict(saved["algorithm"])
+        env.rng.set_state(saved["env_rng"])
+        set_rng_state(saved["rng"])
+        reward.queries = int(saved["reward_queries"])
+        loop.update(json.loads(saved["loop"]))
+        truncate_metrics(run_dir, loop["epoch"])
+        log.info("resumed %s from %s (epoch %d)", run_dir, checkpoint.name, loop["epoch"])
+    elif cfg.resume:
+        truncate_metrics(run_dir, 0)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
     logger = RunLogger(run_dir)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info("run directory: %s", run_dir)
     log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d", algo_name, reward.name, cfg.model.pretrained,
              len(prompts), cfg.epochs)
 
-    eval_queries = 0
-    eval_seconds = 0.0
+    def wall() -> float:
+        return loop["wall_before"] + time.perf_counter() - start
 
     def run_eval(step: int) -> dict:
-        nonlocal eval_queries, eval_seconds
         t0 = time.perf_counter()
         before = reward.queries
         results = {}
@@ -130,46 +234,86 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             results[name] = stats
             logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
                                nrow=cfg.eval.samples_per_prompt * 2)
-        eval_queries += reward.queries - before
-        eval_seconds += time.perf_counter() - t0
+        loop["eval_queries"] += reward.queries - before
+        loop["eval_seconds"] += time.perf_counter() - t0
         for name, stats in results.items():
             logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
-                        "reward_queries": reward.queries - eval_queries, "wall_s": time.perf_counter() - start})
+                        "reward_queries": reward.queries - loop["eval_queries"], "wall_s": wall()})
+        loop["last_eval"] = results
         return results
 
-    # 2. the base model on the evaluation seeds
-    base = run_eval(0)
-    log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in base.items()})
+    def write_checkpoint() -> None:
+        loop["wall_before"] = wall()
+        state = {"algorithm": algorithm.state_dict(), "env_rng": env.rng.get_state(), "rng": rng_state(),
+                 "reward_queries": reward.queries, "loop": json.dumps(loop)}
+        save_checkpoint(run_dir, loop["epoch"], state, policy, keep_last=int(cfg.checkpoint.keep_last))
+        nonlocal start
+        start = time.perf_counter()
 
-    # 3. collect → update
+    # 3. the base model on the evaluation seeds
+    if loop["base"] is None:
+        loop["base"] = run_eval(0)
+        log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in loop["base"].items()})
+
+    # 4. collect → update, with non-finite updates skipped and SIGINT/SIGTERM handled between updates
     from tqdm.auto import tqdm
 
-    last = base
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{algo_name}", disable=not cfg.progress, dynamic_ncols=True)
-    for epoch in bar:
-        batch = algorithm.collect(env)
-        record = {"step": epoch, "phase": "train"}
-        if keys.NEXT in batch.keys() and batch.batch_dims == 2:
-            rewards = terminal_rewards(batch)
-            record.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
-        metrics = algorithm.update(batch)
-        record.update(metrics)
-        record.update(reward_queries=reward.queries - eval_queries, wall_s=time.perf_counter() - start,
-                      train_wall_s=time.perf_counter() - start - eval_seconds)
-        logger.log(record)
-        bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
-        if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch != cfg.epochs:
-            last = run_eval(epoch)
-    final = run_eval(cfg.epochs) if cfg.epochs else last
+    interrupted = False
+    with StopRequest() as stop:
+        bar = tqdm(range(loop["epoch"] + 1, cfg.epochs + 1), desc=algo_name, disable=not cfg.progress, dynamic_ncols=True)
+        for epoch in bar:
+            batch = algorithm.collect(env)
+            record = {"step": epoch, "phase": "train"}
+            rewards = terminal_rewards(batch) if keys.NEXT in batch.keys() and batch.batch_dims == 2 else None
+            if rewards is not None:
+                record.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
+            snapshot = copy.deepcopy((algorithm.state_dict(), trainable_state(policy)))
+            if rewards is not None and not torch.isfinite(rewards).all():
+                metrics, ok = {}, False
+                log.warning("epoch %d: non-finite reward in the batch; update skipped", epoch)
+            else:
+                metrics = algorithm.update(batch)
+                ok = is_finite_update(metrics, policy)
+                if not ok:
+                    log.warning("epoch %d: non-finite loss or weights; update undone and skipped", epoch)
+                    algorithm.load_state_dict(snapshot[0])
+                    load_trainable_state(policy, snapshot[1])
+            if not ok:
+                loop["skipped"] += 1
+                if loop["skipped"] > cfg.max_skipped_updates:
+                    raise TrainingAborted(f"{loop['skipped']} updates were skipped for non-finite rewards or losses "
+                                          f"(max_skipped_updates={cfg.max_skipped_updates}). Lower the learning rate "
+                                          "or check the reward; the last checkpoint is intact.")
+            record.update(metrics)
+            record.update({"train/skipped_updates": loop["skipped"], "reward_queries": reward.queries - loop["eval_queries"],
+                           "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"]})
+            logger.log(record)
+            loop["epoch"] = epoch
+            bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
+            if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch != cfg.epochs:
+                run_eval(epoch)
+            if stop.requested:
+                write_checkpoint()
+                interrupted = True
+                log.warning("stopped after epoch %d; continue with resume=%s", epoch, run_dir)
+                break
+            if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0 and epoch != cfg.epochs:
+                write_checkpoint()
+    if interrupted:
+        logger.close()
+        return {}
+    final = run_eval(cfg.epochs)
+    write_checkpoint()
 
-    # 4. outputs
+    # 5. outputs
     if cfg.save_lora:
         policy.save_pretrained_lora(run_dir / "lora")
+    base = loop["base"]
     summary = {
         "algo": algo_name, "reward": reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
-        "epochs": int(cfg.epochs), "reward_queries": reward.queries - eval_queries,
-        "wall_s": time.perf_counter() - start, "eval_seed": int(cfg.eval.seed),
-        "base": base, "final": final,
+        "epochs": int(cfg.epochs), "reward_queries": reward.queries - loop["eval_queries"],
+        "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"], "skipped_updates": loop["skipped"],
+        "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
         "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},
     }
     logger.write_json("summary.json", summary)
@@ -191,6 +335,9 @@ def _hydra_main():
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except TrainingAborted as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except Exception as e:  # a bug, not bad input: keep the traceback in the run directory
             import traceback
 

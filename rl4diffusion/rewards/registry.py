@@ -27,6 +27,11 @@ import torch
 
 from rl4diffusion.errors import ConfigError
 
+
+class RewardError(ConfigError):
+    """A reward function raised while scoring a batch (reported with its name and the batch's prompts)."""
+
+
 RewardFn = Callable[[torch.Tensor, list], torch.Tensor]
 
 
@@ -68,7 +73,14 @@ class Reward:
             raise ValueError(f"reward {self.name!r} expects images [B, 3, H, W], got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
             raise ValueError(f"reward {self.name!r}: {images.shape[0]} images but {len(prompts)} prompts")
-        out = self.fn(images, list(prompts))
+        try:
+            out = self.fn(images, list(prompts))
+        except Exception as e:
+            shown = ", ".join(repr(p) for p in list(prompts)[:4]) + (", …" if len(prompts) > 4 else "")
+            raise RewardError(
+                f"reward {self.name!r} raised {type(e).__name__}: {e} — on a batch of {len(prompts)} images with "
+                f"prompts [{shown}]. Fix the reward function (or its options in conf/reward/) and rerun."
+            ) from e
         if not isinstance(out, torch.Tensor) or out.shape != (images.shape[0],):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"reward {self.name!r} must return a tensor of shape [B]=[{images.shape[0]}], got {shape}")
