@@ -86,6 +86,27 @@ def resolve_pretrained(pretrained: str) -> str:
     return pretrained
 
 
+def check_pretrained_available(pretrained: str) -> None:
+    """Fail in milliseconds, before the heavy imports, when a model's weights are not on this machine."""
+    path = resolve_pretrained(pretrained)
+    if os.path.isdir(path) or path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        return  # local paths are checked (with better messages) by load_pipeline
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(path, "model_index.json"), str):
+        raise MissingWeightsError(_missing_model_message(path))
+
+
+def _missing_model_message(path: str) -> str:
+    return (
+        f"the weights of model {path!r} are not on this machine (looked in the Hugging Face cache "
+        f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} with local_files_only=True). They are normally "
+        f"fetched from the Hugging Face hub: on a machine with access run `huggingface-cli download {path}` "
+        "and copy the cache here, or save the pipeline with save_pretrained and pass model.pretrained=/that/dir "
+        "(or model=path:/that/dir). To run offline now, use the embedded model: model=tiny."
+    )
+
+
 def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
     """Load a diffusers pipeline from a local directory or the local hub cache, never the network.
 
@@ -105,19 +126,12 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
             f"{path!r} is not a diffusers pipeline directory (no model_index.json). Save one with "
             "pipe.save_pretrained(dir), or use the embedded model with model=tiny."
         )
-    kwargs = {"torch_dtype": dtype}
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as e:
         if is_local:
             raise ConfigError(f"could not load the diffusers pipeline in {path!r}: {e}") from None
-        raise MissingWeightsError(
-            f"the weights of model {path!r} are not on this machine (looked in the Hugging Face cache "
-            f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} with local_files_only=True). They are normally "
-            f"fetched from the Hugging Face hub: on a machine with access run `huggingface-cli download {path}` "
-            "and copy the cache here, or save the pipeline with save_pretrained and pass model.pretrained=/that/dir "
-            "(or model=path:/that/dir). To run offline now, use the embedded model: model=tiny."
-        ) from None
+        raise MissingWeightsError(_missing_model_message(path)) from None
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe

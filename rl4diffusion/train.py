@@ -153,6 +153,13 @@ def is_finite_update(metrics: dict, policy) -> bool:
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted)."""
+    from rl4diffusion.config import validate_train_config
+    from rl4diffusion.policy import check_pretrained_available
+
+    # fail in seconds on bad values or absent weights, before the heavy imports below
+    validate_train_config(cfg)
+    check_pretrained_available(str(cfg.model.pretrained))
+
     from rl4diffusion.algorithms import algorithm_classes, build_algorithm
     from rl4diffusion.algorithms.base import check_reward_compatible
     from rl4diffusion.checkpoint import (
@@ -164,7 +171,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         set_rng_state,
         trainable_state,
     )
-    from rl4diffusion.config import validate_train_config
     from rl4diffusion.data import terminal_rewards
     from rl4diffusion.envs import DenoisingEnv
     from rl4diffusion.evaluation import evaluate
@@ -174,7 +180,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rl4diffusion.runlog import RunLogger
 
     start = time.perf_counter()
-    validate_train_config(cfg)
     run_dir = prepare_run_dir(cfg, Path(run_dir))
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

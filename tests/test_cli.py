@@ -27,6 +27,9 @@ def train_cli(*args, cwd=None, env_extra=None):
         (["model=path:/definitely/not/here", "reward=jpeg_compressibility"], "does not exist"),
         (["reward=not_a_module_xyz:fn", "epochs=1"], "could not import module"),
         (["algo.no_such_option=3"], "bad override"),
+        (["model=sd15"], "huggingface-cli download stable-diffusion-v1-5"),
+        (["epochs=0"], "epochs"),
+        (["model.num_steps=abc"], "must be an integer"),
     ],
 )
 def test_bad_input_exits_2_with_a_message(args, message, tmp_path):
