@@ -17,6 +17,8 @@ _CHECKS = [
     ("checkpoint.every", int, 0, "epochs between checkpoints (0 = only at the end)"),
     ("checkpoint.keep_last", int, 1, "checkpoints kept"),
     ("max_skipped_updates", int, 0, "non-finite updates tolerated before aborting"),
+    ("budget.reward_queries", int, 1, "the reward-query budget"),
+    ("budget.train_seconds", float, 0, "the training wall-clock budget"),
     ("model.num_steps", int, 1, "denoising steps"),
     ("model.guidance_scale", float, 0, "the classifier-free guidance weight"),
     ("model.eta", float, 0, "DDIM's η"),

@@ -220,6 +220,8 @@ class DiffusionPolicy(nn.Module):
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
         self.step_size = self.scheduler.config.num_train_timesteps // cfg.num_steps
         self._embed_cache: dict[str, torch.Tensor] = {}
+        # (rank, world): in a multi-process run each process keeps its slice of the global batch's noise
+        self.process_slice: tuple[int, int] = (0, 1)
 
     @classmethod
     def from_pretrained(cls, pretrained: str = "tiny", *, device: str | torch.device = "cpu", **options):
@@ -338,11 +340,22 @@ class DiffusionPolicy(nn.Module):
         alpha_t, _ = self.alphas(timesteps.expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps)
         return model_output_to_x0_eps(model_output, latents, alpha_t, self.scheduler.config.prediction_type)[0]
 
+    def draw_noise(self, shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
+        """N(0, I) noise of ``shape`` [B, ...] for rollouts.
+
+        In a run of ``world`` processes this draws the global batch [world·B, ...] and keeps this
+        process's rows, so a multi-process run samples exactly what one process would.
+        """
+        rank, world = self.process_slice
+        full = torch.randn((shape[0] * world, *shape[1:]), generator=generator, device=self.device)
+        return full[rank * shape[0] : (rank + 1) * shape[0]]
+
     @torch.no_grad()
     def act(self, td, generator: torch.Generator | None = None):
         """The rollout policy: read x_t, t and c from ``td``; write the action x_{t-1} and its log-prob."""
-        out = self.predict_noise(td[keys.LATENTS], td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS])
-        step = self.step(out, td[keys.LATENTS], td[keys.TIMESTEP], generator=generator)
+        latents = td[keys.LATENTS]
+        out = self.predict_noise(latents, td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS])
+        step = self.step(out, latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
         td.set(keys.ACTION, step.prev_sample)
         td.set(keys.SAMPLE_LOG_PROB, step.log_prob)
         return td

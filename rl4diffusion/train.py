@@ -184,7 +184,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    from rl4diffusion.distributed import Distributed
+
+    dist = Distributed(resolve_device(cfg.device))  # one process, or one of torchrun / accelerate launch's
+    device = dist.device
 
     # 1. the primitives: reward, prompts, policy, algorithm, environment (cheap checks before the model loads)
     reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
@@ -201,11 +204,23 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec) for i, spec in enumerate(eval_specs)}
     policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
     algorithm = build_algorithm(algo_name, algo_options, policy, reward, seed=int(cfg.seed))
-    env = DenoisingEnv(policy, reward, prompts, batch_size=int(getattr(algorithm.config, "batch_size", 8)))
+    batch_size = int(getattr(algorithm.config, "batch_size", 8))
+    if dist.enabled:  # each process runs its slice of the global batch; gradients are averaged
+        for key in ("batch_size", "minibatch_size"):
+            value = getattr(algorithm.config, key, None)
+            if value is not None and value % dist.world:
+                raise ConfigError(f"algo.{key} ({value}) is global and must be divisible by the number of processes "
+                                  f"({dist.world}).")
+        batch_size //= dist.world
+        policy.process_slice = (dist.rank, dist.world)
+        algorithm.distributed = dist
+        for optimizer in algorithm.optimizers():
+            dist.average_gradients_before_step(optimizer)
+    env = DenoisingEnv(policy, reward, prompts, batch_size=batch_size)
     env.set_seed(int(cfg.seed))
 
     # 2. loop state, restored from the latest checkpoint when resuming
-    loop = {"epoch": 0, "base": None, "last_eval": None, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
+    loop = {"epoch": 0, "base": None, "last_eval": None, "last_eval_step": -1, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
             "wall_before": 0.0}
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
@@ -220,11 +235,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     elif cfg.resume:
         truncate_metrics(run_dir, 0)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
-    logger = RunLogger(run_dir)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    logger = RunLogger(run_dir, enabled=dist.is_main)
+    if dist.is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     log.info("run directory: %s", run_dir)
     log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d", algo_name, reward.name, cfg.model.pretrained,
              len(prompts), cfg.epochs)
+
+    def train_queries() -> int:  # reward queries spent on training, summed over processes
+        return (reward.queries - loop["eval_queries"]) * dist.world
 
     def wall() -> float:
         return loop["wall_before"] + time.perf_counter() - start
@@ -243,15 +262,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         loop["eval_seconds"] += time.perf_counter() - t0
         for name, stats in results.items():
             logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
-                        "reward_queries": reward.queries - loop["eval_queries"], "wall_s": wall()})
-        loop["last_eval"] = results
+                        "reward_queries": train_queries(), "wall_s": wall()})
+        loop["last_eval"], loop["last_eval_step"] = results, step
         return results
 
     def write_checkpoint() -> None:
         loop["wall_before"] = wall()
         state = {"algorithm": algorithm.state_dict(), "env_rng": env.rng.get_state(), "rng": rng_state(),
                  "reward_queries": reward.queries, "loop": json.dumps(loop)}
-        save_checkpoint(run_dir, loop["epoch"], state, policy, keep_last=int(cfg.checkpoint.keep_last))
+        if dist.is_main:  # every process holds the same state: the generators draw global batches
+            save_checkpoint(run_dir, loop["epoch"], state, policy, keep_last=int(cfg.checkpoint.keep_last))
         nonlocal start
         start = time.perf_counter()
 
@@ -270,6 +290,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             batch = algorithm.collect(env)
             record = {"step": epoch, "phase": "train"}
             rewards = terminal_rewards(batch) if keys.NEXT in batch.keys() and batch.batch_dims == 2 else None
+            rewards = dist.gather(rewards) if rewards is not None else None
             if rewards is not None:
                 record.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
             snapshot = copy.deepcopy((algorithm.state_dict(), trainable_state(policy)))
@@ -290,13 +311,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                           f"(max_skipped_updates={cfg.max_skipped_updates}). Lower the learning rate "
                                           "or check the reward; the last checkpoint is intact.")
             record.update(metrics)
-            record.update({"train/skipped_updates": loop["skipped"], "reward_queries": reward.queries - loop["eval_queries"],
+            record.update({"train/skipped_updates": loop["skipped"], "reward_queries": train_queries(),
                            "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"]})
             logger.log(record)
             loop["epoch"] = epoch
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
             if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch != cfg.epochs:
                 run_eval(epoch)
+            spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"]}
+            over = [k for k, limit in cfg.budget.items() if limit is not None and spent[k] >= limit]
+            if over and epoch != cfg.epochs:
+                log.info("budget reached (%s) after epoch %d", ", ".join(over), epoch)
+                break
             if stop.requested:
                 write_checkpoint()
                 interrupted = True
@@ -307,16 +333,16 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if interrupted:
         logger.close()
         return {}
-    final = run_eval(cfg.epochs)
+    final = loop["last_eval"] if loop["last_eval_step"] == loop["epoch"] > 0 else run_eval(loop["epoch"])
     write_checkpoint()
 
     # 5. outputs
-    if cfg.save_lora:
+    if cfg.save_lora and dist.is_main:
         policy.save_pretrained_lora(run_dir / "lora")
     base = loop["base"]
     summary = {
         "algo": algo_name, "reward": reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
-        "epochs": int(cfg.epochs), "reward_queries": reward.queries - loop["eval_queries"],
+        "epochs": int(loop["epoch"]), "reward_queries": train_queries(),
         "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"], "skipped_updates": loop["skipped"],
         "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
         "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},

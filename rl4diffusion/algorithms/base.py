@@ -20,11 +20,26 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     requires_differentiable_reward: ClassVar[bool] = False
+    distributed = None  # set by the trainer to a rl4diffusion.distributed.Distributed in multi-process runs
 
     def __init__(self, policy, reward):
         check_reward_compatible(type(self), reward)
         self.policy = policy
         self.reward = reward
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's tensor [B, ...] → the global batch's [world·B, ...] (identity in one process)."""
+        return self.distributed.gather(tensor) if self.distributed is not None else tensor
+
+    def local_part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of a global-batch tensor that belong to this process."""
+        if self.distributed is None:
+            return tensor
+        return tensor[self.distributed.local_slice(tensor.shape[0] // self.distributed.world)]
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The algorithm's optimisers (found among its attributes)."""
+        return [v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)]
 
     def collect(self, env) -> TensorDictBase:
         raise NotImplementedError

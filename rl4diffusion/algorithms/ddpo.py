@@ -106,12 +106,14 @@ class DDPO(Algorithm):
 
     def collect(self, env) -> TensorDictBase:
         batch = collect_trajectories(env, self.policy, generator=self.generator)
-        rewards = terminal_rewards(batch)
+        # statistics over the global batch (all processes), then this process's share
+        rewards = self.gather(terminal_rewards(batch))
+        prompt_ids = self.gather(batch[keys.PROMPT_ID][:, 0])
         if self.config.per_prompt_stat_tracking:
-            advantages = self.stat_tracker.update(env.core.prompts_of(batch[keys.PROMPT_ID][:, 0]), rewards)
+            advantages = self.stat_tracker.update(env.core.prompts_of(prompt_ids), rewards)
         else:
             advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
-        advantages = advantages.clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+        advantages = self.local_part(advantages).clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
         batch[keys.ADVANTAGE] = advantages[:, None].expand(batch.shape)  # (B, T): same A for every step
         return batch
 
@@ -119,13 +121,15 @@ class DDPO(Algorithm):
         cfg = self.config
         num_chains, num_steps = batch.shape
         steps_trained = max(1, int(num_steps * cfg.timestep_fraction))
+        # batch_size and minibatch_size are global: each of `world` processes holds its share
+        minibatch = cfg.minibatch_size // (self.distributed.world if self.distributed is not None else 1)
         totals: dict[str, float] = {}
         count = 0
         for _ in range(cfg.num_inner_epochs):
             self.buffer.empty()
             self.buffer.extend(batch)  # items are whole chains [T]
-            for _ in range(num_chains // cfg.minibatch_size):
-                chains = self.buffer.sample()  # (M, T)
+            for _ in range(num_chains // minibatch):
+                chains = self.buffer.sample(minibatch)  # (M, T)
                 # each chain trains its own random subset of steps
                 order = torch.rand(chains.shape, generator=self.generator, device=chains.device).argsort(dim=1)
                 picked = chains[torch.arange(chains.shape[0])[:, None], order[:, :steps_trained]]  # (M, k)

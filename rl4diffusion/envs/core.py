@@ -46,11 +46,14 @@ class DenoisingCore:
     ) -> dict[str, torch.Tensor]:
         """Initial states: prompts (given, or drawn uniformly) and x_T ~ N(0, I) (given, or drawn)."""
         device = self.policy.device
+        rank, world = self.policy.process_slice  # draw for the global batch, keep this process's rows
+        local = slice(rank * batch_size, (rank + 1) * batch_size)
         if prompt_ids is None:
-            prompt_ids = torch.randint(len(self.prompts), (batch_size,), generator=generator, device=device)
+            prompt_ids = torch.randint(len(self.prompts), (batch_size * world,), generator=generator, device=device)[local]
         prompt_ids = prompt_ids.to(device).long()
         if latents is None:
-            latents = self.policy.initial_latents(batch_size, generator)
+            latents = self.policy.draw_noise((batch_size, *self.policy.latent_shape), generator)
+            latents = latents * self.policy.scheduler.init_noise_sigma
         return {
             keys.LATENTS: latents.to(device),
             keys.TIMESTEP: self.policy.timesteps[0].expand(batch_size).clone(),
