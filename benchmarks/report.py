@@ -1,0 +1,8 @@
+"""Regenerate a benchmark report from its committed evals.jsonl: python benchmarks/report.py benchmarks/results/shapes"""
+
+import sys
+
+from rl4diffusion.bench_report import write_report
+
+if __name__ == "__main__":
+    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/shapes"))
