@@ -29,15 +29,77 @@ def sample_fixed(policy, prompts: list[str], *, samples_per_prompt: int, seed: i
 
 @torch.no_grad()
 def evaluate(policy, reward, prompts: list[str], *, samples_per_prompt: int, seed: int, metrics=None,
-             reference_features: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Reward statistics (and diversity / FID when ``metrics`` is given) of fixed-seed samples.
+             name: str = "eval", use_reference: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Reward statistics (and diversity / FID / win rate when ``metrics`` is an EvalMetrics) of
+    fixed-seed samples.
 
     Returns (stats, per-image rewards [N], images [N,3,H,W]). Reward queries made here are
     evaluation queries: the caller keeps them out of the training budget.
     """
-    images, flat, groups = sample_fixed(policy, prompts, samples_per_prompt=samples_per_prompt, seed=seed)
+    images, flat, groups = sample_fixed(policy, prompts, samples_per_prompt=samples_per_prompt, seed=seed,
+                                        use_reference=use_reference)
     rewards = reward(images, flat).float()
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False))}
     if metrics is not None:
-        stats.update(metrics(images, groups, reference_features))
+        stats.update(metrics(name, images, groups, rewards))
     return stats, rewards, images
+
+
+class EvalMetrics:
+    """Diversity, FID (vs a reference dataset and vs the base model's samples) and the paired win
+    rate against the base model, for fixed-seed evaluation samples.
+
+    The first call for a prompt set must be the base model's (step 0): its features and rewards
+    become the reference for ``fid_base`` and ``win_rate``. Every record names the feature spaces
+    used (``diversity_space``, ``fid_space``): DreamSim / Inception when their weights are present,
+    the embedded judge's features otherwise.
+
+    Args:
+        device: where the feature networks run.
+        feature_space: "auto" or a registered name (see ``rl4diffusion.metrics``).
+        references: prompt-set name → reference images [N, 3, H, W] for ``fid_dataset`` (optional).
+    """
+
+    def __init__(self, device, feature_space: str = "auto", references: dict[str, torch.Tensor] | None = None):
+        from rl4diffusion.metrics import build_feature_space
+
+        self.diversity_space = build_feature_space(feature_space, device, kind="diversity")
+        self.fid_space = build_feature_space(feature_space, device, kind="fid")
+        self.reference_features = {k: self.fid_space(v) for k, v in (references or {}).items()}
+        self.base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_base(self, name: str, images: torch.Tensor, rewards: torch.Tensor) -> None:
+        self.base[name] = (self.fid_space(images), rewards.detach().float().cpu())
+
+    @torch.no_grad()
+    def __call__(self, name: str, images: torch.Tensor, groups: torch.Tensor, rewards: torch.Tensor) -> dict:
+        from rl4diffusion.metrics import frechet_distance, mean_pairwise_distance, win_rate
+
+        if name not in self.base:
+            self.set_base(name, images, rewards)
+        features = self.fid_space(images)
+        out = {
+            "diversity": mean_pairwise_distance(self.diversity_space(images), groups),
+            "diversity_space": self.diversity_space.name,
+            "fid_space": self.fid_space.name,
+        }
+        if name in self.reference_features:
+            out["fid_dataset"] = frechet_distance(features, self.reference_features[name])
+        base_features, base_rewards = self.base[name]
+        out["fid_base"] = frechet_distance(features, base_features)
+        win = win_rate(rewards.detach().float().cpu(), base_rewards)
+        out.update(win_rate=win.rate, win_rate_low=win.low, win_rate_high=win.high)
+        return out
+
+
+def reference_images(prompts: list[str], n: int, seed: int) -> torch.Tensor | None:
+    """Dataset images for ``prompts`` when they belong to the shapes world (for FID vs the data)."""
+    from rl4diffusion.zoo.shapes import parse_prompt, sample_shapes
+
+    try:
+        for p in prompts:
+            parse_prompt(p)
+    except ValueError:
+        return None
+    flat = [prompts[i % len(prompts)] for i in range(n)]
+    return sample_shapes(n, torch.Generator().manual_seed(seed), prompts=flat)[0]

@@ -73,6 +73,10 @@ class PolicyConfig:
     """Image size; None takes the model's default (sample_size × VAE scale factor)."""
     vae_slicing: bool = False
     """Decode one image at a time (saves memory on large models)."""
+    noise_level: float = 0.7
+    """Flow-matching models only: the SDE's noise level a in s_t = a·sqrt(σ/(1−σ)) (Flow-GRPO: 0.7; 0 = the ODE)."""
+    max_sequence_length: int = 256
+    """Flow-matching (SD3) models only: T5 prompt tokens (SD3's default 256)."""
     name: str = field(default="", repr=False)
     """Display name of the model config (filled by Hydra)."""
 
@@ -126,8 +130,14 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
             f"{path!r} is not a diffusers pipeline directory (no model_index.json). Save one with "
             "pipe.save_pretrained(dir), or use the embedded model with model=tiny."
         )
+    absent = {}  # components saved as absent (e.g. SD3 without T5) must be passed as None explicitly
+    if is_local:
+        import json
+
+        index = json.loads(Path(path, "model_index.json").read_text())
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype, **absent)
     except (OSError, ValueError) as e:
         if is_local:
             raise ConfigError(f"could not load the diffusers pipeline in {path!r}: {e}") from None
@@ -228,6 +238,12 @@ class DiffusionPolicy(nn.Module):
         """Load a pipeline (see ``load_pipeline``) and wrap it. ``options`` are PolicyConfig fields."""
         config = PolicyConfig(pretrained=pretrained, **options)
         pipe = load_pipeline(pretrained, dtype=_DTYPES[config.dtype])
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if cls is DiffusionPolicy and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
+            from rl4diffusion.flow_policy import FlowMatchingPolicy  # a flow-matching model (SD3)
+
+            return FlowMatchingPolicy(pipe, config, device=device)
         return cls(pipe, config, device=device)
 
     # ------------------------------------------------------------------ conditioning
@@ -266,6 +282,9 @@ class DiffusionPolicy(nn.Module):
         use_reference: bool = False,
     ) -> torch.Tensor:
         """Guided model output ε̂ = ε_u + w (ε_c − ε_u) for latents [B, C, h, w] at per-sample timesteps [B]."""
+        if use_reference and self._reference_unet is None:  # LoRA: the reference is the adapter switched off
+            with self.reference():
+                return self.predict_noise(latents, timesteps, prompt_embeds, guidance_scale=guidance_scale)
         w = self.config.guidance_scale if guidance_scale is None else guidance_scale
         unet = self._denoiser(use_reference)
         dtype = next(unet.parameters()).dtype
@@ -324,6 +343,11 @@ class DiffusionPolicy(nn.Module):
             generator=generator,
             reduction=self.config.log_prob_reduction,
         )
+
+    def predict_from_td(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> torch.Tensor:
+        """The guided model output for a TensorDict of states (reads the conditioning keys the model needs)."""
+        return self.predict_noise(td[keys.LATENTS], td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS],
+                                  guidance_scale=guidance_scale, use_reference=use_reference)
 
     def log_prob(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> StepOutput:
         """Recompute the step for a batch of stored transitions (with grad), scoring td["action"]."""

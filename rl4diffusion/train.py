@@ -161,7 +161,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_pretrained_available(str(cfg.model.pretrained))
 
     from rl4diffusion.algorithms import algorithm_classes, build_algorithm
-    from rl4diffusion.algorithms.base import check_reward_compatible
+    from rl4diffusion.algorithms.base import build_config, check_reward_compatible
     from rl4diffusion.checkpoint import (
         latest_checkpoint,
         load_checkpoint,
@@ -173,7 +173,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     )
     from rl4diffusion.data import terminal_rewards
     from rl4diffusion.envs import DenoisingEnv
-    from rl4diffusion.evaluation import evaluate
+    from rl4diffusion.evaluation import EvalMetrics, evaluate, reference_images, sample_fixed
     from rl4diffusion.policy import DiffusionPolicy, PolicyConfig
     from rl4diffusion.prompts import resolve_prompts
     from rl4diffusion.rewards import build_reward
@@ -199,6 +199,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     algo_options = OmegaConf.to_container(cfg.algo, resolve=True)
     algo_name = algo_options.pop("name")
     check_reward_compatible(algorithm_classes(algo_name)[0], reward)
+    build_config(algorithm_classes(algo_name)[1], dict(algo_options), algo_name)  # bad algo options fail before the model loads
     prompts = resolve_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
     eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
     eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec) for i, spec in enumerate(eval_specs)}
@@ -227,7 +228,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         saved = load_checkpoint(checkpoint, policy)
         algorithm.load_state_dict(saved["algorithm"])
         env.rng.set_state(saved["env_rng"])
-        set_rng_state(saved["rng"])
         reward.queries = int(saved["reward_queries"])
         loop.update(json.loads(saved["loop"]))
         truncate_metrics(run_dir, loop["epoch"])
@@ -235,6 +235,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     elif cfg.resume:
         truncate_metrics(run_dir, 0)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
+    eval_metrics = None
+    if cfg.eval.metrics:
+        refs = {name: reference_images(p, cfg.eval.reference_size, cfg.eval.seed) for name, p in eval_sets.items()}
+        eval_metrics = EvalMetrics(device, cfg.eval.feature_space, {k: v for k, v in refs.items() if v is not None})
     logger = RunLogger(run_dir, enabled=dist.is_main)
     if dist.is_main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
@@ -254,7 +258,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         results = {}
         for name, set_prompts in eval_sets.items():
             stats, _, images = evaluate(policy, reward, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
-                                        seed=cfg.eval.seed)
+                                        seed=cfg.eval.seed, metrics=eval_metrics, name=name)
             results[name] = stats
             logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
                                nrow=cfg.eval.samples_per_prompt * 2)
@@ -275,10 +279,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         nonlocal start
         start = time.perf_counter()
 
-    # 3. the base model on the evaluation seeds
+    # 3. the base model on the evaluation seeds (a resumed run recomputes its samples for FID / win rate)
+    if eval_metrics is not None and loop["base"] is not None:
+        for name, set_prompts in eval_sets.items():
+            images, flat, _ = sample_fixed(policy, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
+                                           seed=cfg.eval.seed, use_reference=True)
+            eval_metrics.set_base(name, images, reward.fn(images, flat).float())
     if loop["base"] is None:
         loop["base"] = run_eval(0)
         log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in loop["base"].items()})
+
+    if checkpoint is not None:  # last, so that nothing above (metric networks, base samples) shifts the RNGs
+        set_rng_state(saved["rng"])
 
     # 4. collect → update, with non-finite updates skipped and SIGINT/SIGTERM handled between updates
     from tqdm.auto import tqdm
