@@ -244,6 +244,10 @@ class DiffusionPolicy(nn.Module):
             from rl4diffusion.flow_policy import FlowMatchingPolicy  # a flow-matching model (SD3)
 
             return FlowMatchingPolicy(pipe, config, device=device)
+        if cls is DiffusionPolicy and getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "unet"):
+            from rl4diffusion.sdxl_policy import SDXLPolicy  # two text encoders + size conditioning
+
+            return SDXLPolicy(pipe, config, device=device)
         return cls(pipe, config, device=device)
 
     # ------------------------------------------------------------------ conditioning
@@ -290,15 +294,20 @@ class DiffusionPolicy(nn.Module):
         dtype = next(unet.parameters()).dtype
         timesteps = timesteps.to(latents.device).expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps
         if w == 1.0:  # no guidance: one network call
-            return unet(latents.to(dtype), timesteps, encoder_hidden_states=prompt_embeds.to(dtype)).sample.float()
+            return self._denoise(unet, latents.to(dtype), timesteps, prompt_embeds.to(dtype)).float()
         negative = self.negative_embeds.expand_as(prompt_embeds)
-        out = unet(
+        out = self._denoise(
+            unet,
             torch.cat([latents, latents]).to(dtype),  # (2B, C, h, w): unconditional half first, as diffusers does
             torch.cat([timesteps, timesteps]),
-            encoder_hidden_states=torch.cat([negative, prompt_embeds]).to(dtype),
-        ).sample.float()
+            torch.cat([negative, prompt_embeds]).to(dtype),
+        ).float()
         uncond, cond = out.chunk(2)
         return uncond + w * (cond - uncond)
+
+    def _denoise(self, unet: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor):
+        """One network call (subclasses add model-specific conditioning, e.g. SDXL's)."""
+        return unet(latents, timesteps, encoder_hidden_states=embeds).sample
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -67,3 +67,87 @@ def make_random_sd_pipeline(seed: int = 0, *, sample_size: int = 8, cross_attent
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def make_random_sd3_pipeline(seed: int = 0, *, sample_size: int = 8, clip_dim: int = 32):
+    """A StableDiffusion3Pipeline with random weights: 32×32 images, 8×8×16 latents, flow matching.
+
+    SD3's classes at toy sizes: SD3Transformer2DModel (patch 2 → 16 image tokens), AutoencoderKL
+    with SD3's shift/scaling factors, two CLIPTextModelWithProjection encoders with character
+    tokenizers, FlowMatchEulerDiscreteScheduler (shift 3, as SD3). The T5 encoder is left out
+    (``text_encoder_3=None``): the pipeline then uses zeros for the T5 tokens, as it does for SD3
+    loaded without T5.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizers = [make_char_tokenizer(), make_char_tokenizer()]
+    encoders = [
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizers[0]), hidden_size=clip_dim, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, projection_dim=clip_dim, max_position_embeddings=tokenizers[0].model_max_length,
+                eos_token_id=1, bos_token_id=0, pad_token_id=1,
+            )
+        )
+        for _ in range(2)
+    ]
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=2 * clip_dim, caption_projection_dim=32,
+        pooled_projection_dim=2 * clip_dim, pos_embed_max_size=sample_size,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=sample_size * 4, shift_factor=0.0609,
+        scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0],
+        text_encoder_2=encoders[1], tokenizer_2=tokenizers[1], text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_random_sdxl_pipeline(seed: int = 0):
+    """A StableDiffusionXLPipeline with random weights: two tiny CLIP encoders, size conditioning."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = make_char_tokenizer(), make_char_tokenizer()
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  max_position_embeddings=tokenizer.model_max_length, eos_token_id=1, bos_token_id=0, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **common))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=4, sample_size=32,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
