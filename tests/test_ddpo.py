@@ -18,7 +18,7 @@ def test_ddpo_loss_matches_hand_computation_in_every_clip_branch():
     adv = torch.tensor([1.0, -2.0, 3.0, -1.0])
     out = ddpo_loss(new, old, adv, eps)
     # per element: max(−A·ρ, −A·clip(ρ))
-    expected = torch.tensor([max(-1.5, -1.1), max(-(-2.0) * 0.5, 2.0 * 0.9), -3.0 * 1.05, max(1.5, 1.1)])
+    expected = torch.tensor([max(-1.5, -1.1), max(2.0 * 0.5, 2.0 * 0.9), -3.0 * 1.05, max(1.5, 1.1)])
     torch.testing.assert_close(out["loss_policy"], expected.mean())
     assert out["clip_fraction"].item() == 0.75
     torch.testing.assert_close(out["approx_kl"], 0.5 * (new**2).mean())
