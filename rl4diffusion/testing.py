@@ -18,7 +18,10 @@ def make_char_tokenizer(directory: str | Path | None = None, model_max_length: i
     """A CLIPTokenizer over single characters (empty merges): every word splits into letters."""
     from transformers import CLIPTokenizer
 
-    directory = Path(directory or tempfile.mkdtemp(prefix="rl4d_tok_"))
+    if directory is None:  # the tokenizer reads its files once: build it in a directory that is then removed
+        with tempfile.TemporaryDirectory(prefix="rl4d_tok_") as tmp:
+            return make_char_tokenizer(tmp, model_max_length)
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     symbols = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
