@@ -68,3 +68,23 @@ def test_resume_refuses_an_incompatible_config_and_a_used_directory(random_pipel
         run(compose_config([*overrides(random_pipeline_dir), "epochs=1", "algo.lr=0.5", f"resume={done}"]), done)
     after = {p: p.stat().st_mtime_ns for p in done.rglob("*") if p.is_file()}
     assert before == after  # nothing already written was touched
+
+
+def test_sigterm_finishes_the_update_checkpoints_and_exits_cleanly(random_pipeline_dir, tmp_path):
+    run_dir = tmp_path / "terminated"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    args = [a for a in overrides(random_pipeline_dir) if not a.startswith(("epochs=", "checkpoint.every="))]
+    proc = subprocess.Popen([sys.executable, "-m", "rl4diffusion.train", *args, "epochs=50", "checkpoint.every=0",
+                             f"hydra.run.dir={run_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    while time.time() < deadline and '"phase": "train"' not in (run_dir / "metrics.jsonl").read_text():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    checkpoint = latest_checkpoint(run_dir)
+    last_logged = max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert checkpoint is not None and checkpoint.name == f"step_{last_logged:06d}"
+    assert not (run_dir / "summary.json").exists()  # not finished: resume=... continues it
