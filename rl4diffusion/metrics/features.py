@@ -1,0 +1,150 @@
+"""Feature spaces for the sample metrics: a small registry of image → feature-vector maps.
+
+A *feature space* is any object with a ``name: str`` and ``__call__(images [B, 3, H, W] in [0, 1])
+-> Tensor[B, D]``, computed without gradients. Diversity (``diversity.py``) and FID (``fid.py``)
+work on features, so they do not care which network produced them.
+
+Registered here: ``"judge"`` — the embedded judge's 128-d penultimate features, available
+offline. Heavier spaces (``"dreamsim"``, ``"inception"``) register themselves from their own
+modules with the same decorator::
+
+    @register_feature_space("dreamsim")
+    class DreamSimFeatures:
+        name = "dreamsim"
+        def __init__(self, device="cpu"): ...       # may raise when the weights are absent
+        def __call__(self, images): ...              # [B, 3, H, W] in [0, 1] → [B, D]
+
+``build_feature_space(name)`` imports ``rl4diffusion.metrics.<name>`` on first use when no such
+name is registered yet, so a module named after its space needs no other wiring.
+
+``build_feature_space("auto", kind=...)`` picks the best space that loads: ``dreamsim`` then
+``judge`` for diversity, ``inception`` then ``judge`` for FID. Any exception from the heavy one
+(absent weights, missing package) falls back to the judge with a logged warning. The chosen
+space's ``.name`` says which one was used — record it next to the number (the run report
+does), because distances in two feature spaces are not comparable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Literal, Protocol, runtime_checkable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class FeatureSpace(Protocol):
+    """An image → feature map: ``name`` and ``__call__(images [B,3,H,W] in [0,1]) -> Tensor[B, D]``."""
+
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+FeatureSpaceFactory = Callable[..., FeatureSpace]
+"""A class or function called as ``factory(device=device)`` that returns a FeatureSpace."""
+
+_REGISTRY: dict[str, FeatureSpaceFactory] = {}
+
+_AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "diversity": ("dreamsim", "judge"),  # DreamSim: the perceptual distance the literature reports
+    "fid": ("inception", "judge"),  # Inception-v3 pool features: the standard FID
+}
+
+
+def register_feature_space(name: str):
+    """Decorator: register a feature-space factory (a class or a function taking ``device``) under ``name``."""
+
+    def deco(factory: FeatureSpaceFactory) -> FeatureSpaceFactory:
+        if name == "auto":
+            raise ValueError("'auto' is reserved for build_feature_space's automatic choice")
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"a feature space named {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def available_feature_spaces() -> list[str]:
+    """Names registered so far (spaces in modules not yet imported are not listed)."""
+    return sorted(_REGISTRY)
+
+
+def _import_conventional_module(name: str) -> None:
+    """Import rl4diffusion.metrics.<name> if it exists, so that it can register itself."""
+    module = f"{__package__}.{name}"
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # the module exists but one of its imports is missing: say so
+            raise
+
+
+def build_feature_space(
+    name: str,
+    device: str | torch.device = "cpu",
+    *,
+    kind: Literal["diversity", "fid"] | None = None,
+) -> FeatureSpace:
+    """Build the feature space ``name`` on ``device``; ``"auto"`` chooses by ``kind`` (see the module docstring).
+
+    Raises ValueError for an unknown name (listing the registered ones) or for ``"auto"`` without
+    ``kind``. With ``"auto"``, the chosen space's ``.name`` records which one was used.
+    """
+    if name == "auto":
+        if kind not in _AUTO_ORDER:
+            raise ValueError(f"build_feature_space('auto') needs kind='diversity' or kind='fid', got {kind!r}")
+        *preferred, fallback = _AUTO_ORDER[kind]
+        for candidate in preferred:
+            try:
+                return build_feature_space(candidate, device)
+            except Exception as e:  # absent weights, missing package, unregistered: all mean "use the fallback"
+                log.warning("feature space %r is unavailable for %s (%s: %s); using %r instead", candidate, kind,
+                            type(e).__name__, e, fallback)
+        return build_feature_space(fallback, device)
+    if name not in _REGISTRY:
+        _import_conventional_module(name)
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"unknown feature space {name!r}. Registered: {', '.join(available_feature_spaces())}, or 'auto'. "
+            "A new space registers itself with @register_feature_space(name) in a module that is imported "
+            "(rl4diffusion/metrics/<name>.py is imported automatically)."
+        )
+    space = _REGISTRY[name](device=device)
+    if not isinstance(getattr(space, "name", None), str):
+        raise TypeError(f"feature space {name!r} returned {type(space).__name__} without a string attribute .name")
+    return space
+
+
+@register_feature_space("judge")
+class JudgeFeatures:
+    """The embedded judge's penultimate features (128-d, globally max-pooled conv features).
+
+    Trained only to name colours and shapes, so it sees differences of colour, shape, size and
+    background, and little else: a coarse but offline stand-in for DreamSim and Inception.
+    Images of any size are resized to 32×32 first.
+    """
+
+    name = "judge"
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 256):
+        from rl4diffusion.zoo.judge import load_judge
+
+        self.device = torch.device(device)
+        self.judge = load_judge(self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from rl4diffusion.zoo.judge import to_judge_resolution
+
+        chunks = [
+            self.judge.features(to_judge_resolution(chunk.to(self.device, torch.float32)))
+            for chunk in images.split(self.batch_size)
+        ]
+        return torch.cat(chunks)  # [B, 128]
