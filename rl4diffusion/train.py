@@ -160,6 +160,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate_train_config(cfg)
     check_pretrained_available(str(cfg.model.pretrained))
 
+    # the reward next: a reward whose weights are absent fails here, in seconds, before the heavy imports
+    from rl4diffusion.distributed import Distributed
+    from rl4diffusion.rewards import build_reward
+
+    start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    dist = Distributed(resolve_device(cfg.device))  # one process, or one of torchrun / accelerate launch's
+    device = dist.device
+    reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
+    reward = build_reward(reward_options.pop("name"), device=device, **reward_options)
+
     from rl4diffusion.algorithms import algorithm_classes, build_algorithm
     from rl4diffusion.algorithms.base import build_config, check_reward_compatible
     from rl4diffusion.checkpoint import (
@@ -176,22 +188,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rl4diffusion.evaluation import EvalMetrics, evaluate, reference_images, sample_fixed
     from rl4diffusion.policy import DiffusionPolicy, PolicyConfig
     from rl4diffusion.prompts import resolve_prompts
-    from rl4diffusion.rewards import build_reward
     from rl4diffusion.runlog import RunLogger
 
-    start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, Path(run_dir))
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
-    from rl4diffusion.distributed import Distributed
 
-    dist = Distributed(resolve_device(cfg.device))  # one process, or one of torchrun / accelerate launch's
-    device = dist.device
-
-    # 1. the primitives: reward, prompts, policy, algorithm, environment (cheap checks before the model loads)
-    reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
-    reward = build_reward(reward_options.pop("name"), device=device, **reward_options)
+    # 1. the primitives: prompts, policy, algorithm, environment (cheap checks before the model loads)
     model_options = OmegaConf.to_container(cfg.model, resolve=True)
     unknown = sorted(set(model_options) - set(PolicyConfig.__dataclass_fields__))
     if unknown:

@@ -21,10 +21,10 @@ def train_cli(*args, cwd=None, env_extra=None):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["algo=no_such_algo"], "Valid names: ddpo"),
+        (["algo=no_such_algo"], "Valid names: alignprop, ddpo, diffusion_dpo"),
         (["reward=no_such_reward"], "Valid names: "),
         (["model=no_such_model"], "model=path:/dir"),
-        (["model=path:/definitely/not/here", "reward=jpeg_compressibility"], "does not exist"),
+        (["model=path:/definitely/not/here", "algo=ddpo", "reward=jpeg_compressibility"], "does not exist"),
         (["reward=not_a_module_xyz:fn", "epochs=1"], "could not import module"),
         (["algo.no_such_option=3"], "bad override"),
         (["model=sd15"], "huggingface-cli download stable-diffusion-v1-5"),

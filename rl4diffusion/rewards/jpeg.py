@@ -7,13 +7,14 @@ kvablack/ddpo-pytorch `ddpo_pytorch/rewards.py`. Not differentiable.
 from __future__ import annotations
 
 import torch
-from torchvision.io import encode_jpeg
 
 from rl4diffusion.rewards.registry import register_reward
 
 
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB of each image [B, 3, H, W] in [0, 1] encoded as JPEG."""
+    from torchvision.io import encode_jpeg  # imported here: torchvision takes seconds to import
+
     pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     sizes = [encode_jpeg(img, quality=quality).numel() / 1000.0 for img in pixels]
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
