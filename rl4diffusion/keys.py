@@ -17,6 +17,10 @@ DONE = "done"  # [1]  True at the last step (under "next")
 TERMINATED = "terminated"  # [1]  same as done: the chain always ends at t = 0
 ADVANTAGE = "advantage"  # []  written by the algorithm that needs it
 NEXT = "next"
+POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"  # [P]  pooled text conditioning (SD3-style flow models only)
+GROUP_ID = "group_id"  # []  which group of K samples of one prompt a chain belongs to (GRPO)
+FINAL_REWARD = "final_reward"  # []  the chain's terminal reward r(x_0, c), copied to each of its transitions
+SAMPLE_MODEL_OUTPUT = "sample_model_output"  # [C, H, W]  the guided network output eps_old at sampling time (nabla_gfn trust region)
 
 # --- preference pairs, batch [B] ------------------------------------------------------
 LATENTS_W = "latents_w"  # [C, H, W]  clean latents x_0 of the preferred image

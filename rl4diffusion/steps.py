@@ -1,5 +1,7 @@
 """The stochastic denoising steps with their Gaussian log-probabilities — pure functions.
 
+(DDIM for ε/v-prediction models below; the flow-matching SDE step is ``flow_sde_step_with_log_prob``.)
+
 Notation (DDIM, Song et al. 2021, eq. 12 and 16; DDPO, Black et al. 2023, Sec. 4):
     x_t      noisy latents at scheduler timestep t
     t'       the next (less noisy) timestep, t' = t − T_train / N
@@ -132,3 +134,57 @@ def ddim_step_with_log_prob(
         prev_sample = mean + std * noise
     log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
     return StepOutput(prev_sample, log_prob, mean, std, x0)
+
+
+def flow_sde_step_with_log_prob(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    *,
+    noise_level: float,
+    sigma_cap: float | None = None,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """One step of the flow-matching ODE turned SDE, σ → σ_next, and log p(x_next | x_σ).
+
+    Rectified flow (SD3): x_σ = (1 − σ) x₀ + σ ε, the network predicts the velocity
+    v = ε − x₀, and the deterministic Euler step is x_next = x + v·Δt with Δt = σ_next − σ < 0.
+    Flow-GRPO (Liu et al. 2025, eq. 8–9) replaces the ODE by the SDE with the same marginals:
+
+        s_t    = a · sqrt(σ / (1 − σ))                         diffusion coefficient, a = noise_level
+        μ      = x + [v + s_t² / (2σ) · (x + (1 − σ) v)] · Δt
+        x_next = μ + s_t · sqrt(−Δt) · z,   z ~ N(0, I)
+
+    With ``noise_level = 0`` this is exactly ``FlowMatchEulerDiscreteScheduler.step``.
+
+    Args:
+        model_output: the (guided) velocity prediction v̂ [B, C, H, W].
+        sample: x at noise level σ [B, C, H, W].
+        sigma, sigma_next: σ and the next (smaller) σ per sample [B] (or scalars).
+        noise_level: a (0.7 in Flow-GRPO; 0 = the ODE).
+        sigma_cap: σ is capped at this value inside s_t only. The first σ of a schedule is often
+            exactly 1, where sqrt(σ / (1 − σ)) is infinite; Flow-GRPO's code uses the schedule's
+            second σ there, which is what the policy passes.
+        prev_sample: the action whose log-probability to compute (training); otherwise sampled.
+        reduction: "mean" (DDPO's convention) or "sum" over latent dimensions.
+    """
+    s, s_next = _per_sample(sigma, sample), _per_sample(sigma_next, sample)
+    dt = s_next - s  # (B, 1, 1, 1), negative: the chain runs from σ = 1 (noise) to σ = 0 (data)
+    # 1. the diffusion coefficient s_t = a sqrt(σ / (1 − σ)), with σ capped below 1
+    s_capped = s.clamp(max=sigma_cap) if sigma_cap is not None else s
+    diffusion = noise_level * (s / (1 - s_capped)).sqrt() if noise_level > 0 else torch.zeros_like(s)  # a = 0: the ODE
+    # 2. the SDE's mean: the Euler step plus the score correction s_t²/(2σ)·(x + (1 − σ) v)
+    mean = sample + (model_output + diffusion**2 / (2 * s) * (sample + (1 - s) * model_output)) * dt
+    std = diffusion * (-dt).clamp(min=0).sqrt()
+    # 3. sample the action unless it is given
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = mean + std * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    pred_x0 = sample - s * model_output  # x̂₀ = x − σ v
+    return StepOutput(prev_sample, log_prob, mean, std, pred_x0)

@@ -9,6 +9,17 @@ from rl4diffusion.errors import ConfigError
 
 ALGORITHMS: dict[str, str] = {
     "ddpo": "rl4diffusion.algorithms.ddpo:DDPO:DDPOConfig",
+    "dpok": "rl4diffusion.algorithms.dpok:DPOK:DPOKConfig",
+    "grpo": "rl4diffusion.algorithms.grpo:GRPO:GRPOConfig",
+    "refl": "rl4diffusion.algorithms.refl:ReFL:ReFLConfig",
+    "draft": "rl4diffusion.algorithms.draft:DRaFT:DRaFTConfig",
+    "alignprop": "rl4diffusion.algorithms.alignprop:AlignProp:AlignPropConfig",
+    "diffusion_dpo": "rl4diffusion.algorithms.diffusion_dpo:DiffusionDPO:DiffusionDPOConfig",
+    "sft": "rl4diffusion.algorithms.diffusion_dpo:SFT:PreferenceConfig",
+    "dmpo": "rl4diffusion.algorithms.dmpo:DMPO:DMPOConfig",
+    "dpo_cm": "rl4diffusion.algorithms.sdpo:DPOCM:SDPOConfig",
+    "sdpo": "rl4diffusion.algorithms.sdpo:SDPO:SDPOConfig",
+    "nabla_gfn": "rl4diffusion.algorithms.nabla_gfn:NablaGFN:NablaGFNConfig",
 }
 
 

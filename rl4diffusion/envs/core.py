@@ -60,7 +60,13 @@ class DenoisingCore:
             keys.STEP_INDEX: torch.zeros(batch_size, dtype=torch.long, device=device),
             keys.PROMPT_ID: prompt_ids,
             keys.PROMPT_EMBEDS: self.policy.encode_prompts(self.prompts_of(prompt_ids)),
+            **self.extra_conditioning(prompt_ids),
         }
+
+    def extra_conditioning(self, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Conditioning beyond prompt_embeds that the policy needs (SD3's pooled embeddings), by key."""
+        extra = getattr(self.policy, "extra_conditioning", None)
+        return extra(self.prompts_of(prompt_ids)) if extra is not None else {}
 
     @torch.no_grad()
     def step(
@@ -88,4 +94,11 @@ class DenoisingCore:
             keys.PROMPT_ID: state[keys.PROMPT_ID],
             keys.PROMPT_EMBEDS: state[keys.PROMPT_EMBEDS],
         }
+        for key in self.extra_keys:
+            next_state[key] = state[key]
         return next_state, reward, done
+
+    @property
+    def extra_keys(self) -> tuple[str, ...]:
+        """Keys of ``extra_conditioning`` (empty for Stable-Diffusion-style policies)."""
+        return tuple(getattr(self.policy, "extra_conditioning_keys", ()))

@@ -44,6 +44,9 @@ class DenoisingEnv(EnvBase):
             },
             shape=b,
         )
+        for key, value in self.core.extra_conditioning(torch.zeros(1, dtype=torch.long)).items():
+            self.observation_spec[key] = Unbounded(shape=(*b, *value.shape[1:]), dtype=value.dtype)
+        self.core_state_keys = (*type(self).core_state_keys, *self.core.extra_keys)
         self.action_spec = Unbounded(shape=(*b, *latent_shape), dtype=torch.float32)
         self.reward_spec = Unbounded(shape=(*b, 1), dtype=torch.float32)
         self.done_spec = Composite(

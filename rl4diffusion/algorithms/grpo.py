@@ -1,0 +1,275 @@
+"""GRPO for diffusion — group-relative policy optimisation (Flow-GRPO, Liu et al. 2025, arXiv 2505.05470;
+DanceGRPO, Xue et al. 2025, arXiv 2505.07818).
+
+Each batch holds K samples of each of its prompts; a sample's advantage is its reward standardised
+within its group, so no value network or reward history is needed. The update is PPO's clipped
+surrogate (as DDPO) plus β·KL to the pretrained model. On flow-matching models (SD3) the chain is
+Flow-GRPO's SDE (``FlowMatchingPolicy``); on DDIM models the DDPO step — the algorithm is the same.
+Reference implementation: yifan123/flow_grpo (``scripts/train_sd3.py``).
+
+Implementation details (numbered as a checklist):
+1. Prompts: ``GroupedPromptSampler`` picks batch_size/K distinct prompts and repeats each K times
+   (upstream's DistributedKRepeatSampler); in multi-process runs every process takes its slice of
+   the same global batch, and rewards are gathered before the group statistics.
+2. A = (r − mean_group)/(std + 1e-4), std over the group (population std, as upstream's np.std) or,
+   with ``global_std``, over the whole batch; clipped to ±adv_clip_max; same A for every step.
+3. Groups whose advantages are all zero (all K rewards equal: no signal, only KL) are dropped from
+   the update; ``diag/dropped_groups`` counts them. Upstream drops such samples too.
+4. Loss per step = PPO-clip(A, ρ) (``ddpo_loss``) + β·KL, KL = reduce((μ_θ − μ_ref)²)/(2σ_t²)
+   (the same Gaussian KL as DPOK; upstream averages over latent elements, our default reduction).
+   The reference is the adapter disabled. ``diag/kl`` is logged even with β = 0 (one extra forward
+   without grad per step) so runs with and without the penalty can be compared.
+5. Each chain trains a random ⌊T·timestep_fraction⌋ of its steps; gradients accumulate over them and
+   the optimiser steps once per minibatch of chains; grad-norm clip ``max_grad_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+
+from rl4diffusion import keys
+from rl4diffusion.algorithms.base import Algorithm, make_optimizer
+from rl4diffusion.algorithms.ddpo import ddpo_loss
+from rl4diffusion.algorithms.dpok import gaussian_mean_kl, reference_output
+from rl4diffusion.data import collect_trajectories, make_replay_buffer, terminal_rewards
+from rl4diffusion.data.sampler import GroupedPromptSampler
+from rl4diffusion.errors import ConfigError
+
+
+@dataclass
+class GRPOConfig:
+    lr: float = 3e-4
+    """AdamW learning rate (Flow-GRPO: 3e-4 for SD3.5 LoRA)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    batch_size: int = 48
+    """Chains sampled per epoch (global): batch_size / group_size prompts × group_size samples."""
+    group_size: int = 24
+    """K, samples per prompt in a batch (Flow-GRPO: 24); ≥ 2 and must divide batch_size."""
+    minibatch_size: int = 8
+    """Chains per optimiser step; must divide batch_size."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    clip_range: float = 1e-4
+    """PPO clip ε on the per-step likelihood ratio."""
+    adv_clip_max: float = 5.0
+    """Advantages are clipped to ±adv_clip_max."""
+    beta: float = 0.04
+    """β: weight of the KL to the pretrained model (Flow-GRPO 0.01–0.04; 0 = no penalty)."""
+    global_std: bool = False
+    """Standardise by the whole batch's reward std instead of each group's."""
+    std_eps: float = 1e-4
+    """Added to the std in the advantage's denominator."""
+    timestep_fraction: float = 1.0
+    """Fraction of each chain's steps that are trained."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ConfigError(
+                f"algo.group_size={self.group_size}: GRPO compares the K samples of each prompt with one another, so it "
+                "needs at least 2 per group (a group of one always has advantage 0 and nothing would train). "
+                "Set algo.group_size to 2 or more, e.g. algo.group_size=4."
+            )
+        if self.batch_size < 1 or self.batch_size % self.group_size:
+            raise ConfigError(
+                f"algo.group_size={self.group_size} does not divide algo.batch_size={self.batch_size}: every batch must "
+                "hold whole groups of K samples of one prompt. Choose a batch size that is a multiple of the group "
+                f"size (e.g. algo.batch_size={max(1, self.batch_size // self.group_size) * self.group_size or self.group_size}) "
+                "or a group size that divides it."
+            )
+        if self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
+            raise ConfigError(f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size "
+                              f"({self.batch_size}).")
+        if not 0 < self.timestep_fraction <= 1:
+            raise ConfigError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
+        if self.lr <= 0 or self.clip_range <= 0 or self.num_inner_epochs < 1 or self.beta < 0 or self.std_eps <= 0:
+            raise ConfigError("algo.lr, algo.clip_range and algo.std_eps must be > 0, algo.beta ≥ 0 and "
+                              "algo.num_inner_epochs ≥ 1.")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4, global_std: bool = False
+) -> torch.Tensor:
+    """Group-relative advantages A_i = (r_i − mean_{g(i)}) / (std + eps) — Flow-GRPO eq. (5).
+
+    Args:
+        rewards: [B]; group_ids: [B] (equal ids = samples of the same prompt in this batch).
+        eps: added to the std.
+        global_std: use the whole batch's std instead of each group's (population std either way).
+    Returns:
+        [B], in the rewards' dtype. A group whose rewards are all equal gets exactly 0 (not rounding noise).
+    """
+    r = rewards.detach().double()
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,) group index 0..G−1
+    num_groups = int(inverse.max()) + 1
+    counts = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros_like(counts).index_add_(0, inverse, r) / counts
+    centred = r - mean[inverse]
+    if global_std:
+        std = r.std(unbiased=False).expand_as(r)
+    else:
+        std = (torch.zeros_like(counts).index_add_(0, inverse, centred**2) / counts).sqrt()[inverse]
+    highest = torch.full_like(counts, -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lowest = torch.full_like(counts, math.inf).scatter_reduce(0, inverse, r, "amin")
+    constant = (highest == lowest)[inverse]
+    advantages = torch.where(constant, torch.zeros_like(r), centred / (std + eps))
+    return advantages.to(rewards.dtype)
+
+
+def groups_with_signal(advantages: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[B] bool: True where the sample's group has at least one non-zero advantage."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    nonzero = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=advantages.device)
+    nonzero.index_add_(0, inverse, (advantages != 0).long())
+    return nonzero[inverse] > 0
+
+
+def grpo_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    mean: torch.Tensor,
+    ref_mean: torch.Tensor,
+    std: torch.Tensor,
+    *,
+    clip_range: float,
+    beta: float,
+    reduction: str = "mean",
+) -> dict[str, torch.Tensor]:
+    """GRPO's per-step loss: PPO-clip on group-relative advantages plus β·KL to the reference.
+
+        loss_policy = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)))                 (``ddpo_loss``; PPO eq. 7)
+        loss_kl     = β · mean(KL),  KL = reduce((μ_θ − μ_ref)²) / (2σ_t²)   (Flow-GRPO eq. 6, closed form)
+
+    Flow-GRPO's code averages the squared mean difference over latent elements before dividing by
+    2σ_t² (our ``reduction="mean"``); the paper writes the KL of the full Gaussians (``"sum"``).
+    Returns ``loss_policy``, ``loss_kl`` and detached ``kl``, ``approx_kl``, ``clip_fraction``.
+    """
+    terms = ddpo_loss(log_prob, old_log_prob, advantages, clip_range)
+    kl = gaussian_mean_kl(mean, ref_mean, std, reduction)
+    return {
+        "loss_policy": terms["loss_policy"],
+        "loss_kl": beta * kl.mean(),
+        "kl": kl.mean().detach(),
+        "approx_kl": terms["approx_kl"],
+        "clip_fraction": terms["clip_fraction"],
+    }
+
+
+class GRPO(Algorithm):
+    name = "grpo"
+
+    def __init__(self, config: GRPOConfig, policy, reward, *, seed: int = 0):
+        super().__init__(policy, reward)
+        self.config = config
+        self.seed = seed
+        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.generator = torch.Generator(device=policy.device).manual_seed(seed)
+        self.buffer_rng = torch.Generator().manual_seed(seed + 1)  # the buffer's minibatch draws
+        self.buffer = make_replay_buffer(config.batch_size, config.minibatch_size, device=policy.device,
+                                         generator=self.buffer_rng)
+        self.sampler: GroupedPromptSampler | None = None  # built on the first collect (needs the prompt count)
+        self._sampler_state: dict | None = None
+
+    def _layout(self) -> tuple[int, int]:
+        return (self.distributed.rank, self.distributed.world) if self.distributed is not None else (0, 1)
+
+    def collect(self, env) -> TensorDictBase:
+        rank, world = self._layout()
+        if self.sampler is None:
+            self.sampler = GroupedPromptSampler(len(env.prompts), self.config.group_size, seed=self.seed,
+                                                rank=rank, world_size=world)
+            if self._sampler_state is not None:
+                self.sampler.load_state_dict(self._sampler_state)
+        prompt_ids, group_ids = self.sampler.sample(env.batch_size[0])
+        batch = collect_trajectories(env, self.policy, prompt_ids=prompt_ids, generator=self.generator)
+        # statistics over the global batch (all processes), then this process's share
+        rewards = self.gather(terminal_rewards(batch))
+        all_groups = self.gather(group_ids.to(rewards.device))
+        advantages = group_advantages(rewards, all_groups, self.config.std_eps, self.config.global_std)
+        advantages = self.local_part(advantages).clamp(-self.config.adv_clip_max, self.config.adv_clip_max)
+        batch[keys.ADVANTAGE] = advantages[:, None].expand(batch.shape)  # (B, T): same A for every step
+        batch[keys.GROUP_ID] = group_ids.to(batch.device)[:, None].expand(batch.shape)
+        return batch
+
+    def update(self, batch: TensorDictBase) -> dict[str, float]:
+        cfg = self.config
+        rank, world = self._layout()
+        advantages, group_ids = batch[keys.ADVANTAGE][:, 0], batch[keys.GROUP_ID][:, 0]
+        keep = groups_with_signal(advantages, group_ids)
+        all_adv, all_groups = self.gather(advantages), self.gather(group_ids)
+        dropped = int(torch.unique(all_groups[~groups_with_signal(all_adv, all_groups)]).numel())
+        kept = batch[keep]  # (B', T): only groups with a learning signal
+        num_steps = batch.shape[1]
+        steps_trained = max(1, int(num_steps * cfg.timestep_fraction))
+        minibatch = max(1, cfg.minibatch_size // world)
+        num_minibatches = math.ceil(kept.shape[0] / minibatch)
+        if world > 1:  # every process must take the same number of optimiser steps (gradients are averaged)
+            num_minibatches = int(self.gather(torch.tensor([num_minibatches], device=batch.device)).max())
+        params = self.policy.trainable_parameters()
+        totals: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.num_inner_epochs):
+            self.buffer.empty()
+            if kept.shape[0]:
+                self.buffer.extend(kept)  # items are whole chains [T]
+            for index in range(num_minibatches):
+                if index * minibatch < kept.shape[0]:
+                    chains = self.buffer.sample(minibatch)  # (M, T); the last one may be smaller
+                    order = torch.rand(chains.shape, generator=self.generator, device=chains.device).argsort(dim=1)
+                    picked = chains[torch.arange(chains.shape[0])[:, None], order[:, :steps_trained]]  # (M, k)
+                    weight = chains.shape[0] / minibatch / steps_trained
+                    for j in range(steps_trained):
+                        step = picked[:, j]  # (M,)
+                        out = self.policy.predict_from_td(step)
+                        new = self.policy.step(out, step[keys.LATENTS], step[keys.TIMESTEP], prev_sample=step[keys.ACTION])
+                        ref = self.policy.step(reference_output(self.policy, step), step[keys.LATENTS],
+                                               step[keys.TIMESTEP], prev_sample=step[keys.ACTION])
+                        terms = grpo_loss(new.log_prob, step[keys.SAMPLE_LOG_PROB], step[keys.ADVANTAGE], new.mean,
+                                          ref.mean, new.std, clip_range=cfg.clip_range, beta=cfg.beta,
+                                          reduction=self.policy.config.log_prob_reduction)
+                        ((terms["loss_policy"] + terms["loss_kl"]) * weight).backward()
+                        for k, v in terms.items():
+                            totals[k] = totals.get(k, 0.0) + float(v.detach())
+                        count += 1
+                for p in params:  # a process without data this step still joins the gradient average
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) * steps_trained
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        means = {k: v / count for k, v in totals.items()} if count else {}
+        return {
+            "loss/policy": means.get("loss_policy", 0.0),
+            "loss/kl": means.get("loss_kl", 0.0),
+            "diag/kl": means.get("kl", 0.0),
+            "diag/approx_kl": means.get("approx_kl", 0.0),
+            "diag/clip_fraction": means.get("clip_fraction", 0.0),
+            "diag/grad_norm": means.get("grad_norm", 0.0),
+            "diag/dropped_groups": float(dropped),
+            "train/trained_chains": float(kept.shape[0] * world),
+        }
+
+    def state_dict(self) -> dict:
+        sampler = self.sampler.state_dict() if self.sampler is not None else self._sampler_state
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "buffer_rng": self.buffer_rng.get_state(),
+            **({"sampler": sampler} if sampler is not None else {}),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.buffer_rng.set_state(state["buffer_rng"])
+        self._sampler_state = state.get("sampler")
+        if self.sampler is not None and self._sampler_state is not None:
+            self.sampler.load_state_dict(self._sampler_state)
