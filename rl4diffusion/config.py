@@ -49,3 +49,6 @@ def validate_train_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} ({what}) must be ≥ {minimum}, got {value}.")
     if cfg.get("device") not in (None, "auto", "cpu") and not str(cfg.device).startswith(("cuda", "mps", "xpu")):
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}.")
+    if _get(cfg, "eval.metrics") and _get(cfg, "eval.samples_per_prompt") == 1:
+        raise ConfigError("eval.samples_per_prompt=1 leaves no pairs for the diversity metric: use ≥ 2, "
+                          "or turn the metrics off with eval.metrics=false.")

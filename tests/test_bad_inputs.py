@@ -6,8 +6,8 @@ from rl4diffusion.errors import ConfigError
 from rl4diffusion.train import TrainingAborted, check_config, rewrite_overrides, run
 from tests.conftest import compose_config
 
-BASE = ["reward=jpeg_compressibility", "prompts=[a red circle,a blue square]",
-        "eval.prompt_sets=[[a red circle,a blue square]]", "eval.samples_per_prompt=1", "epochs=1",
+BASE = ["algo=ddpo", "reward=jpeg_compressibility", "prompts=[a red circle,a blue square]",
+        "eval.prompt_sets=[[a red circle,a blue square]]", "eval.samples_per_prompt=1", "eval.metrics=false", "epochs=1",
         "algo.batch_size=4", "algo.minibatch_size=4", "model.num_steps=2", "progress=false", "threads=1"]
 
 CASES = [  # (overrides, expected message fragment)
@@ -16,6 +16,7 @@ CASES = [  # (overrides, expected message fragment)
     (["model.num_steps=0"], "model.num_steps"),
     (["model.guidance_scale=-1"], "guidance"),
     (["eval.samples_per_prompt=0"], "samples_per_prompt"),
+    (["eval.metrics=true"], "leaves no pairs for the diversity metric"),
     (["checkpoint.keep_last=0"], "keep_last"),
     (["device=tpu"], "device must be"),
     (["algo.minibatch_size=3"], "must be ≥ 1 and divide"),
@@ -97,3 +98,16 @@ def test_raising_and_nan_rewards(random_pipeline_dir, tmp_path, monkeypatch):
     summary = _run(["reward=bad_rewards:nan", "max_skipped_updates=5", "epochs=2"], tmp_path / "nan2",
                    random_pipeline_dir)
     assert summary["skipped_updates"] == 2
+
+
+def test_corrupt_preference_files_are_refused(random_pipeline_dir, finished_run, tmp_path):
+    before = _snapshot(finished_run)
+    garbage = tmp_path / "pairs.parquet"
+    garbage.write_bytes(b"this is not parquet")
+    with pytest.raises(ConfigError, match="not a readable parquet file") as err:
+        _run(["algo=diffusion_dpo", f"algo.dataset={garbage}"], tmp_path / "run", random_pipeline_dir)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="does not exist|no such|not found"):
+        _run(["algo=diffusion_dpo", f"algo.dataset={tmp_path / 'missing.parquet'}"], tmp_path / "run2",
+             random_pipeline_dir)
+    assert _snapshot(finished_run) == before
