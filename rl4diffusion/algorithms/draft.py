@@ -1,0 +1,116 @@
+"""DRaFT — Direct Reward Fine-Tuning (Clark et al. 2023, "Directly Fine-Tuning Diffusion Models on
+Differentiable Rewards", arXiv 2309.17400). No official code; implemented from the paper.
+
+    DRaFT      backpropagate r(x₀) through the whole sampling chain (Alg. 1), every UNet call
+               checkpointed so memory stays ~constant in N;
+    DRaFT-K    stop-gradient before the last K steps (Sec. 4.1): only steps N−K … N−1 carry grad
+               (``algo.k=K``; K = 0 or null is the full chain). K = 1 works best in the paper;
+    DRaFT-LV   (K = 1, Sec. 4.2, Alg. 2) sample x₀ without grad, then n times re-noise it to the
+               last sampling timestep t_{N−1}, x̃ = √ᾱ·sg(x₀) + √(1−ᾱ)·ε, and denoise that one
+               step with grad; the n reward gradients are averaged (``algo.lv=true``, ``algo.lv_n=2``).
+
+Implementation details:
+1. Loss = −scale · mean(r): the mean over the minibatch (and over the n re-noisings for LV).
+   The paper sums the n LV gradients; averaging only rescales it (and Adam ignores the scale).
+2. Step noise inside the window is reparameterised (x_{i+1} = μ_θ(x_i) + σ z): gradients flow
+   through μ and the latents linking the window's steps, never through z.
+3. The n re-noisings of LV run as one batch [n·M] through one UNet call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+
+from rl4diffusion import keys
+from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop, chain_noise
+from rl4diffusion.errors import ConfigError
+
+
+@dataclass
+class DRaFTConfig(BackpropConfig):
+    k: int | None = 1
+    """Backpropagate through the last K steps only (DRaFT-K); 0 or null = the whole chain (DRaFT)."""
+    lv: bool = False
+    """DRaFT-LV: re-noise the no-grad sample lv_n times and backpropagate one step each (requires k=1)."""
+    lv_n: int = 2
+    """Re-noisings per sample for DRaFT-LV (paper: 2)."""
+    loss_scale: float = 1.0
+    """Multiplier on −mean(r)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k is not None and self.k < 0:
+            raise ConfigError(f"algo.k must be ≥ 1 (DRaFT-K) or 0/null (the whole chain), got {self.k}.")
+        if self.lv and self.k != 1:
+            raise ConfigError(f"algo.lv=true is DRaFT-LV, defined for K = 1; set algo.k=1 (got algo.k={self.k}).")
+        if self.lv_n < 1:
+            raise ConfigError(f"algo.lv_n must be ≥ 1, got {self.lv_n}.")
+
+
+def draft_loss(rewards: torch.Tensor, *, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """DRaFT's objective, maximise E[r(x₀, c)] (paper eq. 2): ``loss_reward`` = −scale · mean(r).
+
+    Args:
+        rewards: [B] (or [n·B] for LV) with the graph to the parameters.
+    """
+    return {"loss_reward": -scale * rewards.mean()}
+
+
+def draft_grad_start(num_steps: int, k: int | None) -> int:
+    """Index of the first step with grad: N − K for DRaFT-K, 0 for the full chain (K = 0/None)."""
+    if not k:
+        return 0
+    if k > num_steps:
+        raise ConfigError(f"algo.k={k} exceeds the {num_steps} sampling steps (model.num_steps); use k ≤ {num_steps} "
+                          "or k=0 for the whole chain.")
+    return num_steps - k
+
+
+def lv_renoise(x0: torch.Tensor, alpha_bar: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """DRaFT-LV's re-noising (Alg. 2): x̃ = √ᾱ · sg(x₀) + √(1 − ᾱ) · ε, ε ~ N(0, I).
+
+    Args:
+        x0: the no-grad sample [B, C, h, w] (broadcasts against ``noise`` [n, B, C, h, w]).
+        alpha_bar: ᾱ at the last sampling timestep t_{N−1}.
+        noise: ε.
+    """
+    a = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    return a.sqrt() * x0.detach() + (1 - a).sqrt() * noise
+
+
+class DRaFT(RewardBackprop):
+    name = "draft"
+
+    def __init__(self, config: DRaFTConfig, policy, reward, *, seed: int = 0):
+        super().__init__(config, policy, reward, seed=seed)
+        self.grad_start = draft_grad_start(self.num_steps, config.k)  # fails at start-up if k > N
+
+    def lv_rewards(self, x0, prompt_embeds, prompt_ids, renoise: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
+        """Rewards [n·M] of the n one-step denoisings of re-noised x₀ (ε = ``renoise`` [n, M, C, h, w],
+        the last step's z = ``step_noise`` [n, M, C, h, w]); the graph runs through that one step."""
+        n, m = renoise.shape[:2]
+        last = self.num_steps - 1
+        alpha_bar = self.policy.alphas_cumprod[self.policy.timesteps[last]]
+        noisy = lv_renoise(x0, alpha_bar, renoise).flatten(0, 1)  # (n·M, C, h, w), re-noising j at rows j·M …
+        out = self.window(noisy, prompt_embeds.repeat(n, 1, 1), grad_start=last, start=last,
+                          noise=step_noise.flatten(0, 1)[None])  # one step: noise [1, n·M, C, h, w]
+        return self.score(out.latents, prompt_ids.repeat(n))
+
+    def loss(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        x_T, embeds, ids = minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], minibatch[keys.PROMPT_ID]
+        if cfg.lv:
+            x0 = self.window(x_T, embeds, grad_start=self.num_steps).latents  # the whole chain without grad
+            renoise = chain_noise(self.policy, cfg.lv_n, x0.shape, self.generator)
+            step_noise = chain_noise(self.policy, cfg.lv_n, x0.shape, self.generator)
+            rewards = self.lv_rewards(x0, embeds, ids, renoise, step_noise)
+            grad_steps = 1
+        else:
+            out = self.window(x_T, embeds, grad_start=self.grad_start)
+            rewards = self.score(out.latents, ids)
+            grad_steps = out.grad_steps
+        return {**draft_loss(rewards, scale=cfg.loss_scale), "rewards": rewards,
+                "grad_steps": torch.tensor(float(grad_steps))}
