@@ -88,21 +88,29 @@ def run_suite(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import hydra
+    """The command line: Hydra overrides of ``conf/bench.yaml``; bad input exits 2 with one message.
+
+    The suite composes its config with Hydra's compose API rather than ``hydra.main``: every run
+    composes the training config the same way, and a second Hydra context inside ``hydra.main``
+    is refused by Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     args = list(sys.argv[1:] if argv is None else argv)
-    sys.argv = [sys.argv[0], *args]
-
-    @hydra.main(config_path="conf", config_name="bench", version_base="1.3")
-    def entry(cfg: DictConfig) -> None:
-        try:
-            report = run_suite(cfg)
-            print(f"report: {report}")
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    entry()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("bench", overrides=args)
+        report = run_suite(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: bad override: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    print(f"report: {report}")
 
 
 if __name__ == "__main__":
