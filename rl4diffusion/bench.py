@@ -38,8 +38,8 @@ def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path) -> lis
     return overrides
 
 
-def merge_evals(out_dir: Path) -> Path:
-    """Collect every run's evaluation records (+ algo, seed) into ``evals.jsonl``."""
+def merge_evals(out_dir: Path, suite_name: str) -> Path:
+    """Collect every finished run's evaluation records (+ suite, algo, seed) into ``evals.jsonl``."""
     rows = []
     for run_dir in sorted((out_dir / "runs").glob("*_s*")):
         metrics = run_dir / "metrics.jsonl"
@@ -49,7 +49,7 @@ def merge_evals(out_dir: Path) -> Path:
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
             if record["phase"] == "eval":
-                rows.append({"algo": algo, "seed": int(seed), **record})
+                rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record})
     path = out_dir / "evals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -81,9 +81,9 @@ def run_suite(cfg: DictConfig) -> Path:
             with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
                 train_cfg = compose("train", overrides=rewrite_overrides(run_overrides(suite, algo, seed, run_dir)))
             run(train_cfg, run_dir)
-            merge_evals(out_dir)
+            merge_evals(out_dir, suite.name)
             write_report(out_dir, suite_name=suite.name)
-    merge_evals(out_dir)
+    merge_evals(out_dir, suite.name)
     return write_report(out_dir, suite_name=suite.name)
 
 

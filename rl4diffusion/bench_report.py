@@ -108,7 +108,7 @@ def plots(rows: list[dict], out_dir: Path, prompt_set: str) -> list[str]:
 def write_report(out_dir: str | Path, *, suite_name: str | None = None) -> Path:
     out_dir = Path(out_dir)
     rows = load_evals(out_dir / "evals.jsonl")
-    name = suite_name or out_dir.name
+    name = suite_name or next((r["suite"] for r in rows if "suite" in r), out_dir.name)
     prompt_sets = sorted({r.get("prompt_set", "eval") for r in rows}) or ["eval"]
     main_set = "train" if "train" in prompt_sets else prompt_sets[0]
     images = plots(rows, out_dir, main_set) if rows else []
