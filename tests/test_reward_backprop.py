@@ -371,11 +371,11 @@ def test_training_raises_a_differentiable_reward_on_the_random_pipeline(random_p
     from rl4diffusion.train import run
     from tests.conftest import compose_config
 
-    (tmp_path / "bright_rewards.py").write_text(
+    (tmp_path / "bright_rewards_backprop.py").write_text(
         "def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n\nbrightness.differentiable = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = compose_config([
-        f"algo={algo}", "reward=bright_rewards:brightness", f"model=path:{random_pipeline_dir}", "model.num_steps=6",
+        f"algo={algo}", "reward=bright_rewards_backprop:brightness", f"model=path:{random_pipeline_dir}", "model.num_steps=6",
         "prompts=[a red circle,a blue square]", "eval.prompt_sets=[[a red circle,a blue square]]",
         "eval.samples_per_prompt=4", "eval.every=0", "epochs=3", "algo.batch_size=4", "algo.minibatch_size=4",
         "algo.lr=3e-2", "progress=false", "threads=1", "save_lora=false", *extra,
@@ -394,10 +394,10 @@ def test_resume_continues_exactly(random_pipeline_dir, tmp_path, monkeypatch):
     from rl4diffusion.train import run
     from tests.conftest import compose_config
 
-    (tmp_path / "bright_rewards.py").write_text(
+    (tmp_path / "bright_rewards_backprop.py").write_text(
         "def brightness(images, prompts):\n    return images.mean(dim=(1, 2, 3))\n\nbrightness.differentiable = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    base = ["algo=refl", "reward=bright_rewards:brightness", f"model=path:{random_pipeline_dir}", "model.num_steps=4",
+    base = ["algo=refl", "reward=bright_rewards_backprop:brightness", f"model=path:{random_pipeline_dir}", "model.num_steps=4",
             "prompts=[a red circle,a blue square]", "eval.prompt_sets=[[a red circle]]", "eval.samples_per_prompt=2",
             "eval.every=0", "algo.batch_size=4", "algo.minibatch_size=2", "algo.lr=1e-2", "algo.reward_target=1.0",
             "algo.reg_weight=0.1", "algo.reg_batch_size=2", "checkpoint.every=1", "threads=1", "progress=false",
