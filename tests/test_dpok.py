@@ -148,7 +148,7 @@ def test_dpok_raises_eval_reward_on_fixed_seeds(random_pipeline_dir, tmp_path, m
 def test_dpok_raises_the_shape_alignment_of_the_tiny_model(tmp_path):
     """The embedded world with the shipped defaults (conf/algo/dpok.yaml), base and final on the same eval noise.
 
-    Measured: −7.897 → −7.715 on the tiny model's 500-step snapshot, −1.700 → −1.589 on a 1500-step one, 8 epochs
+    Measured: −1.700 → −1.589 on the shipped tiny model (its 1500-step UNet), 8 epochs
     (~210–280 s on a loaded 2-core CPU)."""
     cfg = compose_config(["algo=dpok", "model=tiny", "reward=shape_alignment", "epochs=8", "eval.prompt_sets=[train]",
                           "eval.samples_per_prompt=2", "eval.every=0", "eval.metrics=false", "checkpoint.every=0",
