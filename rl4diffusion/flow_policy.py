@@ -223,22 +223,10 @@ class FlowMatchingPolicy(DiffusionPolicy):
             prev_sample=prev_sample, noise=noise, generator=generator, reduction=self.config.log_prob_reduction,
         )
 
-    def log_prob(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> StepOutput:
-        out = self.predict_from_td(td, use_reference=use_reference, guidance_scale=guidance_scale)
-        return self.step(out, td[keys.LATENTS], td[keys.TIMESTEP], prev_sample=td[keys.ACTION])
-
     def pred_x0(self, latents: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """x̂₀ = x_σ − σ v̂ (rectified flow)."""
         sigma, _ = self.sigmas_of(timesteps.expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps)
         return latents - sigma.view(-1, *([1] * (latents.dim() - 1))) * model_output
-
-    @torch.no_grad()
-    def act(self, td, generator: torch.Generator | None = None):
-        latents = td[keys.LATENTS]
-        step = self.step(self.predict_from_td(td), latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
-        td.set(keys.ACTION, step.prev_sample)
-        td.set(keys.SAMPLE_LOG_PROB, step.log_prob)
-        return td
 
     # ------------------------------------------------------------------ images
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -278,15 +266,6 @@ class FlowMatchingPolicy(DiffusionPolicy):
         return {"latents": x, "images": self.decode(x)}
 
     # ------------------------------------------------------------------ parameters and checkpoints
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.transformer))
-
     def save_pretrained_lora(self, directory: str | Path) -> None:
         """Save LoRA weights in diffusers format: ``StableDiffusion3Pipeline.load_lora_weights(directory)`` reads them."""
         if self.config.train_mode != "lora":

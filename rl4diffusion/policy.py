@@ -360,10 +360,7 @@ class DiffusionPolicy(nn.Module):
 
     def log_prob(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> StepOutput:
         """Recompute the step for a batch of stored transitions (with grad), scoring td["action"]."""
-        out = self.predict_noise(
-            td[keys.LATENTS], td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS],
-            guidance_scale=guidance_scale, use_reference=use_reference,
-        )
+        out = self.predict_from_td(td, use_reference=use_reference, guidance_scale=guidance_scale)
         return self.step(out, td[keys.LATENTS], td[keys.TIMESTEP], prev_sample=td[keys.ACTION])
 
     def pred_x0(self, latents: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
@@ -387,8 +384,7 @@ class DiffusionPolicy(nn.Module):
     def act(self, td, generator: torch.Generator | None = None):
         """The rollout policy: read x_t, t and c from ``td``; write the action x_{t-1} and its log-prob."""
         latents = td[keys.LATENTS]
-        out = self.predict_noise(latents, td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS])
-        step = self.step(out, latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
+        step = self.step(self.predict_from_td(td), latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
         td.set(keys.ACTION, step.prev_sample)
         td.set(keys.SAMPLE_LOG_PROB, step.log_prob)
         return td
