@@ -12,6 +12,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is as fast, and robust on a busy machine
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one torch thread, whatever the previous one set (run(threads=N) changes it)."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def random_pipeline_dir(tmp_path_factory):
     """A random tiny StableDiffusionPipeline saved with save_pretrained (loaded like SD1.5)."""

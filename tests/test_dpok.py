@@ -13,15 +13,6 @@ from rl4diffusion.train import run
 from tests.conftest import compose_config
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads per process oversubscribe a shared 2-core machine badly (10× slower); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _fixed():
     g = torch.Generator().manual_seed(0)
     old = torch.zeros(4)

@@ -20,15 +20,6 @@ from tests.conftest import compose_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads per process oversubscribe a shared 2-core machine badly (10× slower); restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_advantages(rewards, groups, eps, global_std):
     """Plain python, group by group."""
     out = []

@@ -30,15 +30,6 @@ PROMPTS = ["a red circle", "a blue square"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the machine's 2 cores are shared, and 2 threads under contention run ~20× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
 

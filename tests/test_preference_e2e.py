@@ -4,19 +4,9 @@ and a resumed run continues exactly (dataset, replay-buffer sampler, optimiser, 
 import json
 
 import pytest
-import torch
 
 from rl4diffusion.train import run
 from tests.conftest import compose_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine two threads under contention run ~30× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def random_world(pipeline_dir, cache_dir, algo="diffusion_dpo"):

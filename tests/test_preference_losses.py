@@ -40,16 +40,6 @@ RL = torch.tensor([0.51, 0.29, 0.81, 0.40])
 BETA = 100.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core machine two threads under contention run ~30× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 def hand_margins(beta=BETA):
     # u_i = −β/2 · [(mw − ml) − (rw − rl)], written out element by element
     return [-beta / 2 * ((MW[i] - ML[i]).item() - (RW[i] - RL[i]).item()) for i in range(4)]

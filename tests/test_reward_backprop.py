@@ -24,16 +24,6 @@ PROMPTS = ["a red circle", "a blue square"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these graphs are tiny, and two threads spinning on a busy 2-core machine
-    make backward ~10× slower (measured), not faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def brightness(images, prompts):
     return images.mean(dim=(1, 2, 3))
 
