@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-VOLATILE = {"wall_s", "train_wall_s"}
+VOLATILE = {"wall_s", "train_wall_s", "train_cpu_s"}
 
 
 def overrides(model: str) -> list[str]:

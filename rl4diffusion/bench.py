@@ -40,16 +40,21 @@ def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path) -> lis
 
 def merge_evals(out_dir: Path, suite_name: str) -> Path:
     """Collect every finished run's evaluation records (+ suite, algo, seed) into ``evals.jsonl``."""
+    from rl4diffusion.prompts import resolve_prompts
+
     rows = []
     for run_dir in sorted((out_dir / "runs").glob("*_s*")):
         metrics = run_dir / "metrics.jsonl"
         if not (run_dir / "summary.json").exists() or not metrics.exists():
             continue
         algo, _, seed = run_dir.name.rpartition("_s")
+        samples_per_prompt = OmegaConf.load(run_dir / "config.yaml").eval.samples_per_prompt
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
             if record["phase"] == "eval":
-                rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record})
+                # win_n: the number of paired comparisons behind win_rate, so seeds can be pooled
+                win_n = len(resolve_prompts(record["prompt_set"])) * samples_per_prompt
+                rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record, "win_n": win_n})
     path = out_dir / "evals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

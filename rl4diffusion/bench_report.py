@@ -50,25 +50,88 @@ def table(rows: list[dict]) -> str:
         if r["step"] == 0:
             base.setdefault(r.get("prompt_set", "eval"), []).append(r)
     present = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    head = "| algorithm | prompts | seeds | " + " | ".join(t for _, t, _ in present) + " | reward queries | wall s |"
+    pooled = any("win_n" in r for r in rows)
+    head = ("| algorithm | prompts | seeds | " + " | ".join(t for _, t, _ in present)
+            + (" | win rate, seeds pooled [95 % CI]" if pooled else "") + " | reward queries | train CPU s | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for pset, records in sorted(base.items()):
         cells = [_mean_std([r.get(k) for r in records]) if k not in ("fid_base", "win_rate") else "–" for k, _, _ in present]
-        lines.append(f"| *base model* | {pset} | {len(records)} | " + " | ".join(cells) + " | 0 | – |")
+        lines.append(f"| *base model* | {pset} | {len(records)} | " + " | ".join(cells)
+                     + (" | –" if pooled else "") + " | 0 | – | – |")
     for (algo, pset), records in sorted(grouped.items()):
         cells = [_mean_std([r.get(k) for r in records]) for k, _, _ in present]
+        if pooled:
+            cells.append(pooled_win_rate(records))
         queries = _mean_std([r.get("reward_queries") for r in records]).split(" ±")[0]
+        cpu = _mean_std([r.get("train_cpu_s") for r in records]).split(" ±")[0]
         wall = _mean_std([r.get("wall_s") for r in records]).split(" ±")[0]
-        lines.append(f"| {algo} | {pset} | {len(records)} | " + " | ".join(cells) + f" | {queries} | {wall} |")
+        lines.append(f"| {algo} | {pset} | {len(records)} | " + " | ".join(cells) + f" | {queries} | {cpu} | {wall} |")
+    return "\n".join(lines)
+
+
+def pooled_win_rate(records: list[dict]) -> str:
+    """The win rate vs base over every seed's comparisons together, with its Wilson interval.
+
+    The seeds share the evaluation prompts and noise, so their comparisons are not fully
+    independent: read the interval as a guide, and the per-seed spread in the column beside it."""
+    from rl4diffusion.metrics.winrate import wilson_interval
+
+    records = [r for r in records if r.get("win_n") and r.get("win_rate") is not None]
+    if not records:
+        return "–"
+    n = sum(r["win_n"] for r in records)
+    p = sum(r["win_rate"] * r["win_n"] for r in records) / n
+    low, high = wilson_interval(p, n)
+    return f"{p:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def head_to_head(rows: list[dict], prompt_set: str) -> str:
+    """P(row beats column) between final checkpoints, same prompts and noise, seeds pooled.
+
+    Only runs whose evaluation records carry per-sample rewards (``sample_rewards``) take part;
+    seed s of one algorithm is paired with seed s of the other."""
+    from rl4diffusion.metrics.winrate import wilson_interval
+
+    finals = {}
+    for (algo, pset), records in final_records(rows).items():
+        if pset == prompt_set:
+            for r in records:
+                if r.get("sample_rewards"):
+                    finals[(algo, r["seed"])] = r["sample_rewards"]
+    algos = sorted({a for a, _ in finals})
+    if len(algos) < 2:
+        return ""
+    lines = [f"| row beats column ({prompt_set} prompts) | " + " | ".join(algos) + " |",
+             "|---|" + "---|" * len(algos)]
+    for a in algos:
+        cells = []
+        for b in algos:
+            seeds = sorted(s for (x, s) in finals if x == a and (b, s) in finals)
+            if a == b or not seeds:
+                cells.append("–")
+                continue
+            score = n = 0
+            for s in seeds:
+                for ra, rb in zip(finals[(a, s)], finals[(b, s)]):
+                    score += 1.0 if ra > rb else 0.5 if ra == rb else 0.0
+                    n += 1
+            low, high = wilson_interval(score / n, n)
+            cells.append(f"{score / n:.2f} [{low:.2f}, {high:.2f}]")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _curves(rows, x_key, y_key, prompt_set):
-    """algo → (xs, ys) averaged over seeds by evaluation index."""
-    by_algo = defaultdict(lambda: defaultdict(list))
+    """algo → (xs, ys) averaged over seeds by evaluation index (the k-th evaluation of every seed:
+    budgets in CPU time end seeds at different epochs, so steps need not coincide)."""
+    per_run = defaultdict(list)
     for r in rows:
         if r.get("prompt_set", "eval") == prompt_set and y_key in r and r.get(y_key) is not None:
-            by_algo[r["algo"]][r["step"]].append((r.get(x_key, 0) or 0, r[y_key]))
+            per_run[(r["algo"], r["seed"])].append(r)
+    by_algo = defaultdict(lambda: defaultdict(list))
+    for (algo, _), records in per_run.items():
+        for index, r in enumerate(sorted(records, key=lambda r: r["step"])):
+            by_algo[algo][index].append((r.get(x_key, 0) or 0, r[y_key]))
     out = {}
     for algo, steps in by_algo.items():
         pts = [(sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for _, v in sorted(steps.items())]
@@ -84,7 +147,8 @@ def plots(rows: list[dict], out_dir: Path, prompt_set: str) -> list[str]:
 
     made = []
     specs = [("reward_queries", "reward_mean", "reward queries", "reward", "reward_vs_queries.png"),
-             ("wall_s", "reward_mean", "wall-clock seconds", "reward", "reward_vs_wallclock.png"),
+             ("wall_s", "reward_mean", "wall-clock seconds (training + evaluations)", "reward", "reward_vs_wallclock.png"),
+             ("train_cpu_s", "reward_mean", "training CPU seconds", "reward", "reward_vs_cpu.png"),
              ("reward_mean", "diversity", "reward", "diversity", "diversity_vs_reward.png"),
              ("reward_mean", "fid_dataset", "reward", "FID vs data", "fid_vs_reward.png")]
     for x_key, y_key, x_label, y_label, name in specs:
@@ -119,6 +183,14 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None) -> Path:
             "base model and every checkpoint are compared on the same seeds.",
             f"Feature spaces for diversity / FID: {', '.join(spaces) if spaces else 'not recorded'}.", "",
             table(rows) if rows else "(no finished runs yet)", ""]
+    matches = [m for m in (head_to_head(rows, pset) for pset in prompt_sets) if m]
+    if matches:
+        text += ["## Head to head", "",
+                 "Final checkpoints compared on the same prompts and evaluation noise (seed s against seed s, "
+                 "seeds pooled; ties ½): the fraction of comparisons the row's model wins, with a 95 % Wilson "
+                 "interval.", ""]
+        for m in matches:
+            text += [m, ""]
     text += [f"![{img}]({img})" for img in images]
     path = out_dir / "report.md"
     path.write_text("\n".join(text) + "\n")

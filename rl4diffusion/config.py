@@ -19,6 +19,8 @@ _CHECKS = [
     ("max_skipped_updates", int, 0, "non-finite updates tolerated before aborting"),
     ("budget.reward_queries", int, 1, "the reward-query budget"),
     ("budget.train_seconds", float, 0, "the training wall-clock budget"),
+    ("budget.train_cpu_seconds", float, 0, "the training CPU-time budget"),
+    ("eval.every_queries", int, 1, "reward queries between evaluations"),
     ("model.num_steps", int, 1, "denoising steps"),
     ("model.guidance_scale", float, 0, "the classifier-free guidance weight"),
     ("model.eta", float, 0, "DDIM's η"),

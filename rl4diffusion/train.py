@@ -164,7 +164,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     from rl4diffusion.distributed import Distributed
     from rl4diffusion.rewards import build_reward
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     dist = Distributed(resolve_device(cfg.device))  # one process, or one of torchrun / accelerate launch's
@@ -224,7 +224,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     # 2. loop state, restored from the latest checkpoint when resuming
     loop = {"epoch": 0, "base": None, "last_eval": None, "last_eval_step": -1, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
-            "wall_before": 0.0}
+            "wall_before": 0.0, "cpu_before": 0.0, "eval_cpu_seconds": 0.0, "query_evals": 0}
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if checkpoint is not None:
         saved = load_checkpoint(checkpoint, policy)
@@ -254,32 +254,38 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     def wall() -> float:
         return loop["wall_before"] + time.perf_counter() - start
 
+    def cpu() -> float:  # CPU seconds of this process: a budget that other jobs on the machine do not eat
+        return loop.setdefault("cpu_before", 0.0) + time.process_time() - cpu_start
+
     def run_eval(step: int) -> dict:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         before = reward.queries
-        results = {}
+        results, per_sample = {}, {}
         for name, set_prompts in eval_sets.items():
-            stats, _, images = evaluate(policy, reward, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
-                                        seed=cfg.eval.seed, metrics=eval_metrics, name=name)
+            stats, sample_rewards, images = evaluate(policy, reward, set_prompts, metrics=eval_metrics, name=name,
+                                                     samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
             results[name] = stats
+            per_sample[name] = [round(float(r), 5) for r in sample_rewards]  # for head-to-head comparisons
             logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
                                nrow=cfg.eval.samples_per_prompt * 2)
         loop["eval_queries"] += reward.queries - before
         loop["eval_seconds"] += time.perf_counter() - t0
+        loop["eval_cpu_seconds"] = loop.get("eval_cpu_seconds", 0.0) + time.process_time() - cpu0
         for name, stats in results.items():
             logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
-                        "reward_queries": train_queries(), "wall_s": wall()})
+                        "reward_queries": train_queries(), "wall_s": wall(),
+                        "train_cpu_s": cpu() - loop["eval_cpu_seconds"], "sample_rewards": per_sample[name]})
         loop["last_eval"], loop["last_eval_step"] = results, step
         return results
 
     def write_checkpoint() -> None:
-        loop["wall_before"] = wall()
+        loop["wall_before"], loop["cpu_before"] = wall(), cpu()
         state = {"algorithm": algorithm.state_dict(), "env_rng": env.rng.get_state(), "rng": rng_state(),
                  "reward_queries": reward.queries, "loop": json.dumps(loop)}
         if dist.is_main:  # every process holds the same state: the generators draw global batches
             save_checkpoint(run_dir, loop["epoch"], state, policy, keep_last=int(cfg.checkpoint.keep_last))
-        nonlocal start
-        start = time.perf_counter()
+        nonlocal start, cpu_start
+        start, cpu_start = time.perf_counter(), time.process_time()
 
     # 3. the base model on the evaluation seeds (a resumed run recomputes its samples for FID / win rate)
     if eval_metrics is not None and loop["base"] is not None:
@@ -293,6 +299,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     if checkpoint is not None:  # last, so that nothing above (metric networks, base samples) shifts the RNGs
         set_rng_state(saved["rng"])
+    # the training clocks (re)start here: loading, metric set-up and the base samples are not training
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if loop["epoch"] == 0:
+        loop["eval_seconds"] = loop["eval_cpu_seconds"] = 0.0
 
     # 4. collect → update, with non-finite updates skipped and SIGINT/SIGTERM handled between updates
     from tqdm.auto import tqdm
@@ -326,13 +336,18 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                           "or check the reward; the last checkpoint is intact.")
             record.update(metrics)
             record.update({"train/skipped_updates": loop["skipped"], "reward_queries": train_queries(),
-                           "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"]})
+                           "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
+                           "train_cpu_s": cpu() - loop.get("eval_cpu_seconds", 0.0)})
             logger.log(record)
             loop["epoch"] = epoch
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
-            if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch != cfg.epochs:
+            query_evals = record["reward_queries"] // cfg.eval.every_queries if cfg.eval.get("every_queries") else 0
+            by_epoch = cfg.eval.every and epoch % cfg.eval.every == 0
+            if (by_epoch or query_evals > loop.get("query_evals", 0)) and epoch != cfg.epochs:
                 run_eval(epoch)
-            spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"]}
+            loop["query_evals"] = query_evals
+            spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"],
+                     "train_cpu_seconds": record["train_cpu_s"]}
             over = [k for k, limit in cfg.budget.items() if limit is not None and spent[k] >= limit]
             if over and epoch != cfg.epochs:
                 log.info("budget reached (%s) after epoch %d", ", ".join(over), epoch)
@@ -357,7 +372,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     summary = {
         "algo": algo_name, "reward": reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
         "epochs": int(loop["epoch"]), "reward_queries": train_queries(),
-        "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"], "skipped_updates": loop["skipped"],
+        "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
+        "train_cpu_s": cpu() - loop.get("eval_cpu_seconds", 0.0), "skipped_updates": loop["skipped"],
         "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
         "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},
     }

@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from rl4diffusion.bench import CONF_DIR, run_suite
@@ -20,6 +21,8 @@ def test_smoke_suite_runs_resumes_and_reports(tmp_path):
         assert {"diversity", "fid_dataset", "fid_base", "win_rate", "fid_space"} <= set(steps[-1])
     text = report.read_text()
     assert "| ddpo | train | 1 |" in text and "| refl | train | 1 |" in text
+    assert "## Head to head" in text and "| row beats column (train prompts) | ddpo | refl |" in text
+    assert all(r["win_n"] == len(r["sample_rewards"]) for r in rows)
     for png in ("reward_vs_queries.png", "reward_vs_wallclock.png", "diversity_vs_reward.png", "fid_vs_reward.png"):
         assert (tmp_path / png).stat().st_size > 1000
     # a finished (algo, seed) is not re-run
@@ -40,3 +43,48 @@ def test_bench_command_line_refuses_bad_input_clearly():
         proc = subprocess.run([sys.executable, "-m", "rl4diffusion.bench", *args], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_cpu_budget_stops_the_run_and_evaluations_follow_reward_queries(tmp_path):
+    from rl4diffusion.train import rewrite_overrides, run
+
+    overrides = ["algo=refl", "model.num_steps=6", "algo.batch_size=8", "epochs=200", "threads=1", "progress=false",
+                 "save_lora=false", "checkpoint.every=0", "budget.train_cpu_seconds=4", "eval.every=0",
+                 "eval.every_queries=16", "eval.prompt_sets=[train]", "eval.samples_per_prompt=2", "eval.metrics=false"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=rewrite_overrides(overrides))
+    summary = run(cfg, tmp_path)
+    assert 2 <= summary["epochs"] < 200 and summary["train_cpu_s"] >= 4
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["phase"] == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == summary["epochs"]
+    # one evaluation each time the training queries pass a multiple of 16 (8 per epoch: every second epoch)
+    middle = [r["reward_queries"] for r in evals[1:-1]]
+    assert middle == [16 * k for k in range(1, len(middle) + 1)] and len(middle) >= summary["epochs"] // 2 - 1
+    # the CPU clock is training only: it grows by epoch and excludes the evaluations
+    cpu = [r["train_cpu_s"] for r in rows if r["phase"] == "train"]
+    assert all(b > a for a, b in zip(cpu, cpu[1:]))
+
+
+def test_report_pools_seeds_and_compares_final_checkpoints_head_to_head():
+    from rl4diffusion.bench_report import head_to_head, pooled_win_rate, table
+    from rl4diffusion.metrics.winrate import win_rate
+
+    def record(algo, seed, step, rewards, win):
+        return {"algo": algo, "seed": seed, "step": step, "phase": "eval", "prompt_set": "train", "reward_mean": 0.0,
+                "win_rate": win, "win_n": len(rewards), "sample_rewards": rewards}
+
+    rows = []
+    for seed in (0, 1):
+        rows += [record("a", seed, 0, [0.0] * 4, 0.5), record("a", seed, 5, [1.0, 2.0, 3.0, 0.0], 0.75),
+                 record("b", seed, 0, [0.0] * 4, 0.5), record("b", seed, 9, [0.5, 2.0, 4.0, -1.0], 0.25)]
+    # a beats b on pairs 1 and 4, ties pair 2, loses pair 3, in both seeds: (2 + 0.5) / 4 per seed
+    matrix = head_to_head(rows, "train")
+    expected = win_rate(torch.tensor([1.0, 2.0, 3.0, 0.0] * 2), torch.tensor([0.5, 2.0, 4.0, -1.0] * 2))
+    assert f"| a | – | {expected.rate:.2f} [{expected.low:.2f}, {expected.high:.2f}] |" in matrix
+    assert f"| b | {1 - expected.rate:.2f}" in matrix
+    # pooled over seeds: 8 comparisons at 0.75 → the same interval as one 8-pair comparison at 0.75
+    finals = [r for r in rows if r["algo"] == "a" and r["step"] == 5]
+    eight = win_rate(torch.tensor([1.0] * 6 + [-1.0] * 2), torch.zeros(8))
+    assert pooled_win_rate(finals) == f"0.750 [{eight.low:.3f}, {eight.high:.3f}]"
+    assert "win rate, seeds pooled" in table(rows)

@@ -19,7 +19,7 @@ def random_world(pipeline_dir, cache_dir, algo="diffusion_dpo"):
 
 def train_records(run_dir):
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("wall_s", "train_wall_s")} for r in lines if r["phase"] == "train"]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "train_wall_s", "train_cpu_s")} for r in lines if r["phase"] == "train"]
 
 
 @pytest.mark.parametrize("algo", ["diffusion_dpo", pytest.param("sdpo", marks=pytest.mark.slow)])

@@ -15,7 +15,7 @@ from rl4diffusion.train import run
 from tests.conftest import compose_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = {"wall_s", "train_wall_s"}
+VOLATILE = {"wall_s", "train_wall_s", "train_cpu_s"}
 
 
 def overrides(pipeline_dir):

@@ -64,8 +64,16 @@ def win_rate(rewards_a: torch.Tensor, rewards_b: torch.Tensor, *, confidence: fl
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     wins, ties = int((a > b).sum()), int((a == b).sum())
     p = (wins + 0.5 * ties) / n
+    low, high = wilson_interval(p, n, confidence=confidence)
+    return WinRate(rate=p, low=low, high=high, n=n, wins=wins, ties=ties)
+
+
+def wilson_interval(p: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``p`` observed over ``n`` trials (formula above)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     z = NormalDist().inv_cdf(0.5 + confidence / 2)  # 1.96 for 95 %
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return WinRate(rate=p, low=max(0.0, centre - half), high=min(1.0, centre + half), n=n, wins=wins, ties=ties)
+    return max(0.0, centre - half), min(1.0, centre + half)
