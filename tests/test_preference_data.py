@@ -162,6 +162,14 @@ def test_generated_pairs_are_labelled_by_reward_and_ties_are_skipped(tmp_path, p
     assert torch.equal(again["images_0"], pairs["images_0"])
     with pytest.raises(ConfigError, match="tied"):
         generate_preference_pairs(policy, reward, ["tie"], 2, seed=0)
+    # near-ties: with min_margin, pairs whose reward gap is at most the margin are skipped as ties
+    gaps = (pairs["rewards_0"] - pairs["rewards_1"]).abs()
+    margin = float(gaps.median())
+    wide = generate_preference_pairs(policy, reward, ["a red circle", "tie", "a blue square"], 5, seed=0, batch_size=3,
+                                     min_margin=margin)
+    assert ((wide["rewards_0"] - wide["rewards_1"]).abs() > margin).all()
+    assert wide["stats"]["ties_skipped"] > pairs["stats"]["ties_skipped"]
+    assert wide["stats"]["reward_queries"] > pairs["stats"]["reward_queries"]
 
 
 def test_make_pairs_command_line(tmp_path, random_pipeline_dir, capsys):

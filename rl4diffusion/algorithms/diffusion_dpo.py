@@ -68,6 +68,8 @@ class PreferenceConfig:
     """Pick-a-Pic-style parquet file or directory; None = generate AI-feedback pairs at start-up."""
     num_pairs: int = 512
     """Pairs generated from the base model and the reward when ``dataset`` is None."""
+    min_margin: float = 0.0
+    """Generated pairs whose rewards differ by at most this (reward units) count as ties and are skipped."""
     max_pairs: int | None = None
     """Use at most this many pairs of the dataset (None = all)."""
     cache_dir: str | None = None
@@ -85,6 +87,8 @@ class PreferenceConfig:
             raise ConfigError(f"algo.caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.num_pairs < 1 or (self.max_pairs is not None and self.max_pairs < 1) or self.generation_batch_size < 1:
             raise ConfigError("algo.num_pairs, algo.max_pairs and algo.generation_batch_size must be ≥ 1")
+        if self.min_margin < 0:
+            raise ConfigError(f"algo.min_margin must be ≥ 0, got {self.min_margin}")
 
 
 @dataclass
@@ -207,7 +211,8 @@ class DiffusionDPO(Algorithm):
             cfg = self.config
             before = self.reward.queries
             path = ensure_generated_pairs(self.policy, self.reward, env.prompts, cfg.num_pairs, seed=self.seed,
-                                          cache_dir=cfg.cache_dir, batch_size=cfg.generation_batch_size)
+                                          cache_dir=cfg.cache_dir, batch_size=cfg.generation_batch_size,
+                                          min_margin=cfg.min_margin)
             # the pairs cost their reward queries once per run, whether generated now or read from the cache
             spent = 0 if self._feedback_counted else int(generation_stats(path).get("reward_queries", 0))
             self.reward.queries = before + spent

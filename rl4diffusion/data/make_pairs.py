@@ -3,7 +3,7 @@
 Samples two images per prompt from the model (its pretrained weights, the sampler settings of
 the ``model`` config group), scores both with the reward, and writes the pair in the Pick-a-Pic
 v2 parquet layout (caption, jpg_0, jpg_1, label_0, label_1, plus reward_0 / reward_1); the higher
-reward wins and exact ties are skipped. Train on it with ``algo=diffusion_dpo algo.dataset=pairs.parquet``.
+reward wins; exact ties (or, with ``min_margin=…``, reward gaps up to that) are skipped. Train on it with ``algo=diffusion_dpo algo.dataset=pairs.parquet``.
 
 Examples::
 
@@ -14,7 +14,7 @@ Examples::
 Options: ``n`` (pairs, required), ``out`` (parquet path, required), ``prompts`` (a prompt set:
 train | heldout | all | animals | a .txt file,
 or an inline list ``prompts=[a red circle,a cat]``; default train),
-``seed`` (default 0), ``batch_size`` (pairs per sampling batch, default 32), ``quality`` (JPEG quality, default 95),
+``seed`` (default 0), ``min_margin`` (reward gap at or below which a pair is a tie, default 0), ``batch_size`` (pairs per sampling batch, default 32), ``quality`` (JPEG quality, default 95),
 ``device`` (auto | cpu | cuda, default auto); ``model=…``, ``reward=…`` and their fields
 (``model.num_steps=…``) as in ``python -m rl4diffusion.train``. Images are stored as JPEG to keep
 Pick-a-Pic's layout, so the re-encode is lossy (quality 95, no chroma subsampling).
@@ -32,8 +32,9 @@ from pathlib import Path
 from rl4diffusion.errors import ConfigError
 
 log = logging.getLogger("rl4diffusion.make_pairs")
-OWN_KEYS = {"n": int, "out": str, "prompts": str, "seed": int, "batch_size": int, "quality": int, "device": str}
-DEFAULTS = {"prompts": "train", "seed": 0, "batch_size": 32, "quality": 95, "device": "auto"}
+OWN_KEYS = {"n": int, "out": str, "prompts": str, "seed": int, "batch_size": int, "quality": int, "device": str,
+            "min_margin": float}
+DEFAULTS = {"prompts": "train", "seed": 0, "batch_size": 32, "quality": 95, "device": "auto", "min_margin": 0.0}
 
 
 def parse_args(args: list[str]) -> tuple[dict, list[str]]:
@@ -48,7 +49,7 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
             try:
                 options[key] = OWN_KEYS[key](value)
             except ValueError:
-                raise ConfigError(f"{key}={value!r}: {key} must be {'an integer' if OWN_KEYS[key] is int else 'a string'}"
+                raise ConfigError(f"{key}={value!r}: {key} must be {dict([(int, 'an integer'), (float, 'a number')]).get(OWN_KEYS[key], 'a string')}"
                                   ".") from None
         elif key.lstrip("+~").split(".")[0] in ("model", "reward"):
             overrides.append(arg)
@@ -59,6 +60,8 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
     if missing:
         raise ConfigError(f"missing {' and '.join(missing)}: say how many pairs to make and where, e.g. n=512 "
                           "out=pairs.parquet.")
+    if options["min_margin"] < 0:
+        raise ConfigError(f"min_margin must be ≥ 0 (a reward gap), got {options['min_margin']}.")
     if options["n"] < 1 or options["batch_size"] < 1 or not 1 <= options["quality"] <= 100:
         raise ConfigError(f"n and batch_size must be ≥ 1 and quality in 1..100, got n={options['n']}, "
                           f"batch_size={options['batch_size']}, quality={options['quality']}.")
@@ -129,7 +132,7 @@ def make_pairs(options: dict, overrides: list[str]) -> dict:
     policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
     start = time.perf_counter()
     pairs = generate_preference_pairs(policy, reward, prompts, options["n"], seed=options["seed"],
-                                      batch_size=options["batch_size"])
+                                      batch_size=options["batch_size"], min_margin=options["min_margin"])
     try:
         path = write_pairs_parquet(options["out"], pairs, quality=options["quality"])
     except OSError as e:  # disk full, permissions changed while sampling …

@@ -326,12 +326,14 @@ def _to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_preference_pairs(
-    policy, reward, prompts: Sequence[str], n: int, *, seed: int = 0, batch_size: int = 32
+    policy, reward, prompts: Sequence[str], n: int, *, seed: int = 0, batch_size: int = 32, min_margin: float = 0.0
 ) -> dict:
     """Sample two images per prompt from the *base* model (adapter disabled) and label them by ``reward``.
 
-    Prompts are taken in order, cycling through ``prompts``; the higher reward wins and exact
-    ties are skipped (sampling continues until ``n`` pairs, at most 4·n + 8 draws).
+    Prompts are taken in order, cycling through ``prompts``; the higher reward wins. Pairs whose
+    rewards differ by at most ``min_margin`` (in the reward's units; 0 = exact ties only) count as
+    ties and are skipped, like the ties of human labels: a near-tie's label is the reward's noise,
+    not a preference. Sampling continues until ``n`` pairs, at most 4·n + 8 draws.
 
     Returns:
         {"captions": [n], "images_0"/"images_1": uint8 [n, 3, H, W], "rewards_0"/"rewards_1": [n],
@@ -357,7 +359,7 @@ def generate_preference_pairs(
         pixels = _to_uint8(images)
         for i, prompt in enumerate(chunk_prompts):
             a, b = float(scores[2 * i]), float(scores[2 * i + 1])
-            if a == b:
+            if abs(a - b) <= min_margin:
                 ties += 1
                 continue
             captions.append(prompt)
@@ -419,7 +421,7 @@ def write_pairs_parquet(path: str | Path, pairs: dict, *, quality: int = 95) -> 
 
 def ensure_generated_pairs(
     policy, reward, prompts: Sequence[str], n: int, *, seed: int, cache_dir: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int = 32, min_margin: float = 0.0,
 ) -> Path:
     """The AI-feedback parquet for (base model, reward, prompts, n, seed, sampler settings), generated once.
 
@@ -434,6 +436,8 @@ def ensure_generated_pairs(
         "prompts": list(prompts), "n": n, "seed": seed, "steps": cfg.num_steps, "cfg": cfg.guidance_scale,
         "eta": cfg.eta, "size": [policy.height, policy.width],
     }
+    if min_margin:  # (absent when 0, so files generated before the option keep their key)
+        fingerprint["min_margin"] = float(min_margin)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / "generated_pairs" / f"pairs-{key}.parquet"
@@ -441,7 +445,8 @@ def ensure_generated_pairs(
         log.info("AI-feedback pairs: reusing %s", path)
         return path
     log.info("AI-feedback pairs: generating %d pairs with reward %s (cached at %s)", n, fingerprint["reward"], path)
-    pairs = generate_preference_pairs(policy, reward, prompts, n, seed=seed, batch_size=batch_size)
+    pairs = generate_preference_pairs(policy, reward, prompts, n, seed=seed, batch_size=batch_size,
+                                      min_margin=min_margin)
     write_pairs_parquet(path, pairs)
     return path
 
