@@ -150,7 +150,8 @@ def plots(rows: list[dict], out_dir: Path, prompt_set: str) -> list[str]:
              ("wall_s", "reward_mean", "wall-clock seconds (training + evaluations)", "reward", "reward_vs_wallclock.png"),
              ("train_cpu_s", "reward_mean", "training CPU seconds", "reward", "reward_vs_cpu.png"),
              ("reward_mean", "diversity", "reward", "diversity", "diversity_vs_reward.png"),
-             ("reward_mean", "fid_dataset", "reward", "FID vs data", "fid_vs_reward.png")]
+             ("reward_mean", "fid_dataset", "reward", "FID vs data", "fid_vs_reward.png"),
+             ("reward_mean", "fid_base", "reward", "FID vs the base model's samples", "fid_base_vs_reward.png")]
     for x_key, y_key, x_label, y_label, name in specs:
         curves = _curves(rows, x_key, y_key, prompt_set)
         if not curves:

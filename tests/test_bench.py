@@ -23,7 +23,8 @@ def test_smoke_suite_runs_resumes_and_reports(tmp_path):
     assert "| ddpo | train | 1 |" in text and "| refl | train | 1 |" in text
     assert "## Head to head" in text and "| row beats column (train prompts) | ddpo | refl |" in text
     assert all(r["win_n"] == len(r["sample_rewards"]) for r in rows)
-    for png in ("reward_vs_queries.png", "reward_vs_wallclock.png", "diversity_vs_reward.png", "fid_vs_reward.png"):
+    for png in ("reward_vs_queries.png", "reward_vs_wallclock.png", "reward_vs_cpu.png", "diversity_vs_reward.png",
+                "fid_vs_reward.png", "fid_base_vs_reward.png"):
         assert (tmp_path / png).stat().st_size > 1000
     # a finished (algo, seed) is not re-run
     stamp = (tmp_path / "runs" / "ddpo_s0" / "summary.json").stat().st_mtime_ns
