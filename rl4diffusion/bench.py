@@ -4,8 +4,8 @@
     python -m rl4diffusion.bench suite=shapes_smoke              # the CI-sized suite
 
 Each (algorithm, seed) trains through ``rl4diffusion.train.run`` with the suite's model, reward,
-prompts, evaluation protocol and budget (reward queries and/or training seconds — the suite says
-which binds; both are recorded). Runs live in ``<out_dir>/runs/<algo>_s<seed>``: a finished run
+prompts, evaluation protocol and budget (reward queries, training CPU-seconds and/or wall-clock
+seconds — the suite says which bind; all three are recorded). Runs live in ``<out_dir>/runs/<algo>_s<seed>``: a finished run
 (summary.json present) is skipped, an interrupted one resumes from its checkpoint, so a suite can
 be completed over several sittings. After every run the evaluation records of all runs are merged
 into ``<out_dir>/evals.jsonl`` and the report (``report.md`` + PNG plots) is regenerated.
