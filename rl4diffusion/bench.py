@@ -42,7 +42,7 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
     """Collect every finished run's evaluation records (+ suite, algo, seed) into ``evals.jsonl``."""
     from rl4diffusion.prompts import resolve_prompts
 
-    rows = []
+    rows, set_sizes = [], {}
     for run_dir in sorted((out_dir / "runs").glob("*_s*")):
         metrics = run_dir / "metrics.jsonl"
         if not (run_dir / "summary.json").exists() or not metrics.exists():
@@ -53,7 +53,9 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
             record = json.loads(line)
             if record["phase"] == "eval":
                 # win_n: the number of paired comparisons behind win_rate, so seeds can be pooled
-                win_n = len(resolve_prompts(record["prompt_set"])) * samples_per_prompt
+                if record["prompt_set"] not in set_sizes:
+                    set_sizes[record["prompt_set"]] = len(resolve_prompts(record["prompt_set"]))
+                win_n = set_sizes[record["prompt_set"]] * samples_per_prompt
                 rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record, "win_n": win_n})
     path = out_dir / "evals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

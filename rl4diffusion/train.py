@@ -223,6 +223,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     env.set_seed(int(cfg.seed))
 
     # 2. loop state, restored from the latest checkpoint when resuming
+    # (a checkpoint's loop state is merged over these defaults, so keys added later start at their default)
     loop = {"epoch": 0, "base": None, "last_eval": None, "last_eval_step": -1, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
             "wall_before": 0.0, "cpu_before": 0.0, "eval_cpu_seconds": 0.0, "query_evals": 0}
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
@@ -255,7 +256,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         return loop["wall_before"] + time.perf_counter() - start
 
     def cpu() -> float:  # CPU seconds of this process: a budget that other jobs on the machine do not eat
-        return loop.setdefault("cpu_before", 0.0) + time.process_time() - cpu_start
+        return loop["cpu_before"] + time.process_time() - cpu_start
 
     def run_eval(step: int) -> dict:
         t0, cpu0 = time.perf_counter(), time.process_time()
@@ -270,7 +271,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                nrow=cfg.eval.samples_per_prompt * 2)
         loop["eval_queries"] += reward.queries - before
         loop["eval_seconds"] += time.perf_counter() - t0
-        loop["eval_cpu_seconds"] = loop.get("eval_cpu_seconds", 0.0) + time.process_time() - cpu0
+        loop["eval_cpu_seconds"] += time.process_time() - cpu0
         for name, stats in results.items():
             logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
                         "reward_queries": train_queries(), "wall_s": wall(),
@@ -337,13 +338,13 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             record.update(metrics)
             record.update({"train/skipped_updates": loop["skipped"], "reward_queries": train_queries(),
                            "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
-                           "train_cpu_s": cpu() - loop.get("eval_cpu_seconds", 0.0)})
+                           "train_cpu_s": cpu() - loop["eval_cpu_seconds"]})
             logger.log(record)
             loop["epoch"] = epoch
             bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
             query_evals = record["reward_queries"] // cfg.eval.every_queries if cfg.eval.get("every_queries") else 0
             by_epoch = cfg.eval.every and epoch % cfg.eval.every == 0
-            if (by_epoch or query_evals > loop.get("query_evals", 0)) and epoch != cfg.epochs:
+            if (by_epoch or query_evals > loop["query_evals"]) and epoch != cfg.epochs:
                 run_eval(epoch)
             loop["query_evals"] = query_evals
             spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"],
@@ -373,7 +374,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         "algo": algo_name, "reward": reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
         "epochs": int(loop["epoch"]), "reward_queries": train_queries(),
         "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
-        "train_cpu_s": cpu() - loop.get("eval_cpu_seconds", 0.0), "skipped_updates": loop["skipped"],
+        "train_cpu_s": cpu() - loop["eval_cpu_seconds"], "skipped_updates": loop["skipped"],
         "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
         "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},
     }

@@ -50,3 +50,14 @@ def compose_config(overrides: list[str]):
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=rewrite_overrides(overrides))
+
+
+def brightness(images, prompts):
+    """A differentiable toy reward: mean pixel value."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def bright_reward():
+    from rl4diffusion.rewards import Reward
+
+    return Reward("brightness", brightness, differentiable=True)

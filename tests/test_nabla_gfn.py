@@ -22,20 +22,11 @@ from rl4diffusion.algorithms.nabla_gfn import (
 from rl4diffusion.data import collect_trajectories
 from rl4diffusion.envs import DenoisingEnv
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.rewards import Reward
 from rl4diffusion.train import run
-from tests.conftest import compose_config
+from tests.conftest import bright_reward, brightness, compose_config
 
 PROMPTS = ["a red circle", "a blue square"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def brightness(images, prompts):
-    return images.mean(dim=(1, 2, 3))
-
-
-def bright_reward():
-    return Reward("brightness", brightness, differentiable=True)
 
 
 def make_algo(policy, reward=None, **options):

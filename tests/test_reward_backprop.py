@@ -18,18 +18,10 @@ from rl4diffusion.algorithms.backprop import sample_with_grad_window
 from rl4diffusion.algorithms.draft import draft_grad_start, draft_loss, lv_renoise
 from rl4diffusion.algorithms.refl import refl_loss, refl_start_index
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.rewards import Reward
+from tests.conftest import bright_reward
 
 PROMPTS = ["a red circle", "a blue square"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def brightness(images, prompts):
-    return images.mean(dim=(1, 2, 3))
-
-
-def bright_reward():
-    return Reward("brightness", brightness, differentiable=True)
 
 
 # ----------------------------------------------------------------------------- pure functions
