@@ -1,15 +1,17 @@
 """Paired win rate of the preference methods against the base model on held-out seeds.
 
-Each method trains with ``python -m rl4diffusion.train``'s ``run`` on the embedded world (``model=tiny
-reward=shape_alignment``) from the same AI-feedback pairs (generated once from the base model and
-cached). Then the fine-tuned model and the base model sample the same prompts with the *same noise*
-(a seed used neither for the pairs nor for the run's evaluation), and each comparison is won by the
-image with the higher reward (ties count ½). The win rate comes with a 95 % confidence interval
-(the Wilson interval of ``rl4diffusion.metrics.winrate``). DMPO and
-Diffusion-DPO are also compared head to head on the same seeds.
+For each training seed, each method trains with ``python -m rl4diffusion.train``'s ``run`` on the
+embedded world (``model=tiny reward=shape_alignment``) from that seed's AI-feedback pairs
+(generated once from the base model and cached). Then the fine-tuned model and the base model
+sample the same prompts with the *same noise* (seed ``eval_seed + training seed``: used neither
+for the pairs nor for the run's evaluation, and different per training seed so that the pooled
+comparisons are independent), and each comparison is won by the image with the higher reward
+(ties count ½). The win rate, per seed and pooled over seeds, comes with a 95 % confidence
+interval (the Wilson interval of ``rl4diffusion.metrics.winrate``). DMPO and Diffusion-DPO are
+also compared head to head on the same noise.
 
-    PYTHONPATH=. python benchmarks/preference_winrate.py                     # all methods, defaults
-    PYTHONPATH=. python benchmarks/preference_winrate.py --methods diffusion_dpo dmpo --epochs 10
+    PYTHONPATH=. python benchmarks/preference_winrate.py --jobs 2            # all methods, 3 seeds (~45 min)
+    PYTHONPATH=. python benchmarks/preference_winrate.py --methods diffusion_dpo dmpo --epochs 10 --seeds 0
 
 Writes ``benchmarks/results/preference_winrate.md`` (and a .json of the raw numbers).
 """
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
-import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -47,14 +50,15 @@ def compose(overrides: list[str]):
         return hydra_compose("train", overrides=rewrite_overrides(overrides))
 
 
-def train(method: str, run_dir: Path, args) -> dict:
+def train(method: str, seed: int, run_dir: Path, args) -> dict:
+    torch.set_num_threads(1)
     from rl4diffusion.train import run
 
     overrides = [
         f"algo={method}", f"model={args.model}", "reward=shape_alignment", f"epochs={args.epochs}", "eval.every=0",
         "eval.prompt_sets=[train,heldout]", "eval.samples_per_prompt=2", "eval.metrics=false", "progress=false",
         "threads=1",
-        "save_lora=false", "checkpoint.every=0", f"seed={args.seed}", f"algo.num_pairs={args.num_pairs}",
+        "save_lora=false", "checkpoint.every=0", f"seed={seed}", f"algo.num_pairs={args.num_pairs}",
         f"algo.cache_dir={args.cache_dir}", *args.override,
     ]
     return run(compose(overrides), run_dir)
@@ -76,12 +80,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--model", default="tiny", help="model= of every run (e.g. path:/some/snapshot)")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--num-pairs", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0, help="training seed (also the AI-feedback pairs' seed)")
-    parser.add_argument("--eval-seed", type=int, default=777, help="held-out noise seed for the paired comparison")
-    parser.add_argument("--samples", type=int, default=16, help="samples per prompt in the comparison")
+    parser.add_argument("--epochs", type=int, default=200, help="~the shapes suite's 180 CPU-s per run")
+    parser.add_argument("--num-pairs", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="training seeds (also the AI-feedback pairs' seeds); results are pooled over them")
+    parser.add_argument("--eval-seed", type=int, default=777,
+                        help="the paired comparison of training seed s samples with noise seed eval_seed + s")
+    parser.add_argument("--samples", type=int, default=24, help="samples per prompt in the comparison")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "rl4d_pref_bench_cache"))
+    parser.add_argument("--jobs", type=int, default=1, help="training runs side by side (one thread each)")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every run")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "preference_winrate.md"))
     args = parser.parse_args()
@@ -102,28 +109,39 @@ def main() -> None:
     model_options = OmegaConf.to_container(compose([f"model={args.model}", *args.override]).model, resolve=True)
     policy = DiffusionPolicy.from_pretrained(**model_options)
     prompt_sets = {name: resolve_prompts(name) for name in ("train", "heldout")}
-    base = {name: rewards_on_seeds(policy, reward, p, samples=args.samples, seed=args.eval_seed, base=True)
-            for name, p in prompt_sets.items()}
-    results, finetuned = {}, {}
     work = Path(tempfile.mkdtemp(prefix="rl4d_pref_bench_"))
+    results = {method: {"seeds": {}} for method in args.methods}
+    rewards: dict[str, dict[str, list[torch.Tensor]]] = {m: {n: [] for n in prompt_sets} for m in ["base", *args.methods]}
+    # train every (method, seed) first, --jobs at a time; then compare, one run after another
+    runs = [(method, seed) for seed in args.seeds for method in args.methods]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = {run: pool.submit(train, run[0], run[1], work / f"{run[0]}_s{run[1]}", args) for run in runs}
+        summaries = {run: job.result() for run, job in jobs.items()}
+    for seed in args.seeds:
+        eval_seed = args.eval_seed + seed
+        for name, prompts in prompt_sets.items():
+            rewards["base"][name].append(rewards_on_seeds(policy, reward, prompts, samples=args.samples,
+                                                          seed=eval_seed, base=True))
+        for method in args.methods:
+            summary = summaries[(method, seed)]
+            state = load_file(str(latest_checkpoint(work / f"{method}_s{seed}") / "trainable.safetensors"))
+            load_trainable_state(policy, state)
+            for name, prompts in prompt_sets.items():
+                rewards[method][name].append(rewards_on_seeds(policy, reward, prompts, samples=args.samples,
+                                                              seed=eval_seed, base=False))
+            results[method]["seeds"][seed] = {
+                "train_wall_s": summary["train_wall_s"],
+                **{name: paired_win_rate(rewards[method][name][-1], rewards["base"][name][-1]) for name in prompt_sets},
+            }
+            print(method, seed, json.dumps(results[method]["seeds"][seed], default=float), flush=True)
+    pooled = {m: {n: torch.cat(v) for n, v in sets.items()} for m, sets in rewards.items()}
     for method in args.methods:
-        t0 = time.perf_counter()
-        summary = train(method, work / method, args)
-        seconds = time.perf_counter() - t0
-        load_trainable_state(policy, load_file(str(latest_checkpoint(work / method) / "trainable.safetensors")))
-        finetuned[method] = {name: rewards_on_seeds(policy, reward, p, samples=args.samples, seed=args.eval_seed,
-                                                    base=False) for name, p in prompt_sets.items()}
-        results[method] = {
-            "seconds": seconds, "train_wall_s": summary["train_wall_s"],
-            "run_eval": {k: (summary["base"][k]["reward_mean"], summary["final"][k]["reward_mean"]) for k in summary["final"]},
-            **{name: {"vs_base": paired_win_rate(finetuned[method][name], base[name]),
-                      "reward_base": base[name].mean().item(), "reward_final": finetuned[method][name].mean().item()}
-               for name in prompt_sets},
-        }
-        print(method, json.dumps(results[method], default=float))
+        results[method].update({name: {"vs_base": paired_win_rate(pooled[method][name], pooled["base"][name]),
+                                       "reward_base": pooled["base"][name].mean().item(),
+                                       "reward_final": pooled[method][name].mean().item()} for name in prompt_sets})
     head_to_head = {}
-    if "dmpo" in finetuned and "diffusion_dpo" in finetuned:
-        head_to_head = {name: paired_win_rate(finetuned["dmpo"][name], finetuned["diffusion_dpo"][name])
+    if "dmpo" in pooled and "diffusion_dpo" in pooled:
+        head_to_head = {name: paired_win_rate(pooled["dmpo"][name], pooled["diffusion_dpo"][name])
                         for name in prompt_sets}
     write_report(Path(args.out), args, results, head_to_head, {k: len(v) for k, v in prompt_sets.items()})
 
@@ -136,24 +154,30 @@ def write_report(path: Path, args, results: dict, head_to_head: dict, set_sizes:
         "# Preference methods: paired win rate against the base model",
         "",
         f"Generated by `benchmarks/preference_winrate.py` (model={args.model}, reward=shape_alignment, {args.epochs} epochs, "
-        f"{args.num_pairs} AI-feedback pairs from the base model, training seed {args.seed}; extra overrides: "
+        f"{args.num_pairs} AI-feedback pairs from the base model per training seed, training seeds "
+        f"{', '.join(map(str, args.seeds))}; extra overrides: "
         f"{' '.join(args.override) or 'none'}; each method's conf/algo defaults otherwise).",
-        f"Comparison: {args.samples} samples per prompt on held-out noise seed {args.eval_seed} — "
-        f"{set_sizes['train']} train prompts ({set_sizes['train'] * args.samples} pairs of images) and "
-        f"{set_sizes['heldout']} held-out prompts ({set_sizes['heldout'] * args.samples}); fine-tuned and base "
-        "model sample with the same noise, the higher shape_alignment wins, ties ½, 95 % CI.",
+        f"Comparison: per training seed s, {args.samples} samples per prompt on held-out noise seed "
+        f"{args.eval_seed} + s — {set_sizes['train']} train prompts ({set_sizes['train'] * args.samples} pairs of "
+        f"images per seed) and {set_sizes['heldout']} held-out prompts ({set_sizes['heldout'] * args.samples}); "
+        "fine-tuned and base model sample with the same noise, the higher shape_alignment wins, ties ½. Pooled over "
+        "seeds, 95 % Wilson interval; per seed in the last columns.",
         "",
         "| method | win rate vs base, train prompts | win rate vs base, held-out prompts | reward base → final (train) "
-        "| reward base → final (held-out) | train s |",
-        "|---|---|---|---|---|---|",
+        "| reward base → final (held-out) | per seed, train prompts | per seed, held-out prompts | train s per run |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, r in results.items():
+        per_seed = {name: " / ".join(f"{100 * s[name]['win_rate']:.0f} %" for s in r["seeds"].values())
+                    for name in ("train", "heldout")}
+        wall = sum(s["train_wall_s"] for s in r["seeds"].values()) / len(r["seeds"])
         lines.append(
             f"| {method} | {fmt(r['train']['vs_base'])} | {fmt(r['heldout']['vs_base'])} | "
             f"{r['train']['reward_base']:.4f} → {r['train']['reward_final']:.4f} | "
-            f"{r['heldout']['reward_base']:.4f} → {r['heldout']['reward_final']:.4f} | {r['train_wall_s']:.0f} |")
+            f"{r['heldout']['reward_base']:.4f} → {r['heldout']['reward_final']:.4f} | {per_seed['train']} | "
+            f"{per_seed['heldout']} | {wall:.0f} |")
     if head_to_head:
-        lines += ["", "## DMPO vs Diffusion-DPO, head to head (same seeds)", "",
+        lines += ["", "## DMPO vs Diffusion-DPO, head to head (same noise, pooled over seeds)", "",
                   "| prompt set | DMPO win rate vs Diffusion-DPO |", "|---|---|"]
         lines += [f"| {name} | {fmt(w)} |" for name, w in head_to_head.items()]
     lines += ["", "DPO-C&M and SDPO are experimental (the authors' v2 flags an error in their main theorem).", ""]
