@@ -121,6 +121,46 @@ def head_to_head(rows: list[dict], prompt_set: str) -> str:
     return "\n".join(lines)
 
 
+def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
+    """Reward queries the row algorithm needed to reach the column algorithm's final mean reward.
+
+    Per seed (seed s against seed s): the queries at the row's first evaluation whose mean reward
+    is at least the column's final one ("–": never within the budget; 0: the base model already
+    had it). The last row gives each column's own final queries, the other side of the claim
+    "reaches X's final reward with fewer queries"."""
+    curves: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        if r.get("prompt_set", "eval") == prompt_set and r.get("reward_queries") is not None:
+            curves[(r["algo"], r["seed"])].append((r["reward_queries"], r["reward_mean"]))
+    for curve in curves.values():
+        curve.sort()
+    algos = sorted({a for a, _ in curves})
+    if len(algos) < 2:
+        return ""
+
+    def seeds_of(a, b):
+        return sorted(s for (x, s) in curves if x == a and (b, s) in curves)
+
+    lines = [f"| row reaches column's final reward ({prompt_set} prompts), queries per seed | "
+             + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
+    for a in algos:
+        cells = []
+        for b in algos:
+            if a == b or not seeds_of(a, b):
+                cells.append("–")
+                continue
+            per_seed = []
+            for s in seeds_of(a, b):
+                target = curves[(b, s)][-1][1]
+                hit = next((q for q, reward in curves[(a, s)] if reward >= target), None)
+                per_seed.append("–" if hit is None else str(hit))
+            cells.append(" / ".join(per_seed))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    finals = [" / ".join(str(curves[(b, s)][-1][0]) for s in sorted(s for (x, s) in curves if x == b)) for b in algos]
+    lines.append("| *column's final queries* | " + " | ".join(finals) + " |")
+    return "\n".join(lines)
+
+
 def _curves(rows, x_key, y_key, prompt_set):
     """algo → (xs, ys) averaged over seeds by evaluation index (the k-th evaluation of every seed:
     budgets in CPU time end seeds at different epochs, so steps need not coincide)."""
@@ -192,6 +232,11 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None) -> Path:
                  "interval.", ""]
         for m in matches:
             text += [m, ""]
+    reach = queries_to_reach(rows, main_set) if rows else ""
+    if reach:
+        text += ["## Reward queries to reach another algorithm's final reward", "",
+                 "Seed s against seed s, mean reward at the evaluation points (the curves below); read with the "
+                 "per-seed spread in mind.", "", reach, ""]
     text += [f"![{img}]({img})" for img in images]
     path = out_dir / "report.md"
     path.write_text("\n".join(text) + "\n")

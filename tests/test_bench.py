@@ -89,3 +89,22 @@ def test_report_pools_seeds_and_compares_final_checkpoints_head_to_head():
     eight = win_rate(torch.tensor([1.0] * 6 + [-1.0] * 2), torch.zeros(8))
     assert pooled_win_rate(finals) == f"0.750 [{eight.low:.3f}, {eight.high:.3f}]"
     assert "win rate, seeds pooled" in table(rows)
+
+
+def test_report_counts_the_queries_one_algorithm_needs_to_reach_anothers_final_reward():
+    from rl4diffusion.bench_report import queries_to_reach
+
+    def record(algo, seed, queries, reward):
+        return {"algo": algo, "seed": seed, "step": queries, "phase": "eval", "prompt_set": "train",
+                "reward_mean": reward, "reward_queries": queries}
+
+    rows = [record("fast", 0, q, r) for q, r in [(0, -2.0), (100, -1.0), (200, 0.0)]]
+    rows += [record("slow", 0, q, r) for q, r in [(0, -2.0), (300, -1.5), (600, -0.5)]]
+    rows += [record("fast", 1, q, r) for q, r in [(0, -2.0), (100, -1.9)]]  # seed 1: never reaches slow's final
+    rows += [record("slow", 1, q, r) for q, r in [(0, -2.0), (300, -1.0)]]
+    lines = queries_to_reach(rows, "train").splitlines()
+    # fast reaches slow's final (-0.5, then -1.0) at 200 queries on seed 0 and never on seed 1;
+    # slow reaches fast's final (0.0, then -1.9) never on seed 0 and at 300 on seed 1
+    assert lines[2] == "| fast | – | 200 / – |"
+    assert lines[3] == "| slow | – / 300 | – |"
+    assert lines[4] == "| *column's final queries* | 200 / 100 | 600 / 300 |"
