@@ -14,22 +14,20 @@ that crossing. Everything comes from a suite's ``evals.jsonl``.
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 from pathlib import Path
 
-from rl4diffusion.bench_report import load_evals
+from rl4diffusion.bench_report import load_evals, run_curves
 
 KEYS = ("diversity", "fid_base")
 
 
 def at_reward(curve: list[dict], target: float) -> dict | None:
-    """Diversity and FID vs base where ``curve`` (evaluations in query order) first reaches ``target``."""
+    """Diversity and FID vs base where ``curve`` (evaluations in training order) first reaches ``target``."""
+    if curve and curve[0]["reward_mean"] >= target:  # the base model already had this reward
+        return {"queries": 0.0, **{k: curve[0][k] for k in KEYS}}
     for before, after in zip(curve, curve[1:]):
-        if after["reward_mean"] >= target:
-            lo, hi = before["reward_mean"], after["reward_mean"]
-            w = 1.0 if hi <= lo or before["reward_mean"] >= target else (target - lo) / (hi - lo)
-            if curve[0]["reward_mean"] >= target:  # the base model already had this reward
-                return {"queries": 0.0, **{k: curve[0][k] for k in KEYS}}
+        if after["reward_mean"] >= target:  # before < target ≤ after: interpolate between them
+            w = (target - before["reward_mean"]) / (after["reward_mean"] - before["reward_mean"])
             return {"queries": before["reward_queries"] + w * (after["reward_queries"] - before["reward_queries"]),
                     **{k: before[k] + w * (after[k] - before[k]) for k in KEYS}}
     return None
@@ -42,12 +40,7 @@ def main() -> None:
     parser.add_argument("--others", nargs="+", default=["refl", "draft", "alignprop"])
     parser.add_argument("--prompt-set", default="train")
     args = parser.parse_args()
-    curves = defaultdict(list)
-    for r in load_evals(Path(args.results) / "evals.jsonl"):
-        if r["prompt_set"] == args.prompt_set:
-            curves[(r["algo"], r["seed"])].append(r)
-    for curve in curves.values():
-        curve.sort(key=lambda r: r["reward_queries"])
+    curves = run_curves(load_evals(Path(args.results) / "evals.jsonl"), args.prompt_set)
     seeds = sorted(s for a, s in curves if a == args.reference)
     print(f"At {args.reference}'s final mean reward ({args.prompt_set} prompts), per seed; base diversity "
           f"{curves[(args.reference, seeds[0])][0]['diversity']:.3f}.\n")

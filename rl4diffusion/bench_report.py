@@ -121,6 +121,15 @@ def head_to_head(rows: list[dict], prompt_set: str) -> str:
     return "\n".join(lines)
 
 
+def run_curves(rows: list[dict], prompt_set: str) -> dict[tuple[str, int], list[dict]]:
+    """(algo, seed) → that run's evaluations on ``prompt_set``, in training order."""
+    curves = defaultdict(list)
+    for r in rows:
+        if r.get("prompt_set", "eval") == prompt_set:
+            curves[(r["algo"], r["seed"])].append(r)
+    return {run: sorted(records, key=lambda r: r["step"]) for run, records in curves.items()}
+
+
 def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
     """Reward queries the row algorithm needed to reach the column algorithm's final mean reward.
 
@@ -128,12 +137,7 @@ def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
     is at least the column's final one ("–": never within the budget; 0: the base model already
     had it). The last row gives each column's own final queries, the other side of the claim
     "reaches X's final reward with fewer queries"."""
-    curves: dict[tuple[str, int], list[tuple[int, float]]] = defaultdict(list)
-    for r in rows:
-        if r.get("prompt_set", "eval") == prompt_set and r.get("reward_queries") is not None:
-            curves[(r["algo"], r["seed"])].append((r["reward_queries"], r["reward_mean"]))
-    for curve in curves.values():
-        curve.sort()
+    curves = run_curves(rows, prompt_set)
     algos = sorted({a for a, _ in curves})
     if len(algos) < 2:
         return ""
@@ -151,12 +155,12 @@ def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
                 continue
             per_seed = []
             for s in seeds_of(a, b):
-                target = curves[(b, s)][-1][1]
-                hit = next((q for q, reward in curves[(a, s)] if reward >= target), None)
+                target = curves[(b, s)][-1]["reward_mean"]
+                hit = next((r["reward_queries"] for r in curves[(a, s)] if r["reward_mean"] >= target), None)
                 per_seed.append("–" if hit is None else str(hit))
             cells.append(" / ".join(per_seed))
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    finals = [" / ".join(str(curves[(b, s)][-1][0]) for s in sorted(s for (x, s) in curves if x == b)) for b in algos]
+    finals = [" / ".join(str(curves[(b, s)][-1]["reward_queries"]) for s in sorted(s for (x, s) in curves if x == b)) for b in algos]
     lines.append("| *column's final queries* | " + " | ".join(finals) + " |")
     return "\n".join(lines)
 
@@ -164,13 +168,9 @@ def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
 def _curves(rows, x_key, y_key, prompt_set):
     """algo → (xs, ys) averaged over seeds by evaluation index (the k-th evaluation of every seed:
     budgets in CPU time end seeds at different epochs, so steps need not coincide)."""
-    per_run = defaultdict(list)
-    for r in rows:
-        if r.get("prompt_set", "eval") == prompt_set and y_key in r and r.get(y_key) is not None:
-            per_run[(r["algo"], r["seed"])].append(r)
     by_algo = defaultdict(lambda: defaultdict(list))
-    for (algo, _), records in per_run.items():
-        for index, r in enumerate(sorted(records, key=lambda r: r["step"])):
+    for (algo, _), records in run_curves(rows, prompt_set).items():
+        for index, r in enumerate(r for r in records if r.get(y_key) is not None):
             by_algo[algo][index].append((r.get(x_key, 0) or 0, r[y_key]))
     out = {}
     for algo, steps in by_algo.items():
