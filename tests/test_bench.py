@@ -108,3 +108,17 @@ def test_report_counts_the_queries_one_algorithm_needs_to_reach_anothers_final_r
     assert lines[2] == "| fast | – | 200 / – |"
     assert lines[3] == "| slow | – / 300 | – |"
     assert lines[4] == "| *column's final queries* | 200 / 100 | 600 / 300 |"
+
+
+def test_queries_to_reach_takes_the_last_evaluation_when_queries_tie():
+    from rl4diffusion.bench_report import queries_to_reach
+
+    def record(algo, step, queries, reward):
+        return {"algo": algo, "seed": 0, "step": step, "phase": "eval", "prompt_set": "train",
+                "reward_mean": reward, "reward_queries": queries}
+
+    # a preference run: every evaluation after the pairs were generated is at the same 512 queries
+    rows = [record("pref", 0, 0, -2.0), record("pref", 32, 512, 0.0), record("pref", 64, 512, -1.5)]
+    rows += [record("online", 0, 0, -2.0), record("online", 8, 256, -1.0)]
+    lines = queries_to_reach(rows, "train").splitlines()
+    assert lines[2] == "| online | – | 256 |"  # pref's final is -1.5 (step 64), not its best 0.0
