@@ -51,7 +51,6 @@ def compose(overrides: list[str]):
 
 
 def train(method: str, seed: int, run_dir: Path, args) -> dict:
-    torch.set_num_threads(1)
     from rl4diffusion.train import run
 
     overrides = [
