@@ -78,18 +78,19 @@ def run_suite(cfg: DictConfig) -> Path:
         raise ConfigError(f"seeds must be ≥ 1, got {cfg.seeds}")
     out_dir = Path(cfg.out_dir or Path("benchmarks") / "results" / suite.name)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
-    for seed in range(int(cfg.seeds)):
-        for algo in algos:
-            run_dir = out_dir / "runs" / f"{algo}_s{seed}"
-            if (run_dir / "summary.json").exists():
-                log.info("%s seed %d: done, skipped", algo, seed)
-                continue
-            log.info("%s seed %d: training", algo, seed)
-            with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-                train_cfg = compose("train", overrides=rewrite_overrides(run_overrides(suite, algo, seed, run_dir)))
-            run(train_cfg, run_dir)
-            merge_evals(out_dir, suite.name)
-            write_report(out_dir, suite_name=suite.name)
+    for seed, algo in [(seed, algo) for seed in range(int(cfg.seeds)) for algo in algos]:
+        run_dir = out_dir / "runs" / f"{algo}_s{seed}"
+        if (run_dir / "summary.json").exists():
+            log.info("%s seed %d: done, skipped", algo, seed)
+            continue
+        log.info("%s seed %d: training", algo, seed)
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            train_cfg = compose("train", overrides=rewrite_overrides(run_overrides(suite, algo, seed, run_dir)))
+        if not run(train_cfg, run_dir):  # stopped by SIGINT/SIGTERM (checkpointed): the suite stops too
+            log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
+            break
+        merge_evals(out_dir, suite.name)
+        write_report(out_dir, suite_name=suite.name)
     merge_evals(out_dir, suite.name)
     return write_report(out_dir, suite_name=suite.name)
 

@@ -122,3 +122,35 @@ def test_queries_to_reach_takes_the_last_evaluation_when_queries_tie():
     rows += [record("online", 0, 0, -2.0), record("online", 8, 256, -1.0)]
     lines = queries_to_reach(rows, "train").splitlines()
     assert lines[2] == "| online | – | 256 |"  # pref's final is -1.5 (step 64), not its best 0.0
+
+
+def test_at_reward_interpolates_diversity_where_a_curve_first_reaches_a_reward():
+    from rl4diffusion.bench_report import at_reward
+
+    def point(queries, reward, diversity, fid_base):
+        return {"reward_queries": queries, "reward_mean": reward, "diversity": diversity, "fid_base": fid_base}
+
+    curve = [point(0, -2.0, 0.08, 0.0), point(100, -1.5, 0.07, 10.0), point(200, -0.5, 0.05, 30.0),
+             point(300, -1.8, 0.06, 40.0)]
+    # -1.0 lies halfway between the evaluations at 100 and 200 queries: interpolate everything there
+    hit = at_reward(curve, -1.0)
+    assert hit["reward_queries"] == 150 and abs(hit["diversity"] - 0.06) < 1e-12 and hit["fid_base"] == 20.0
+    assert at_reward(curve, -2.5) == {"reward_queries": 0.0, "diversity": 0.08, "fid_base": 0.0}  # the base had it
+    assert at_reward(curve, -0.4) is None  # never reached, even though the curve ends lower
+    assert at_reward([], -1.0) is None
+
+
+def test_an_interrupted_run_stops_the_suite(tmp_path, monkeypatch):
+    import rl4diffusion.train
+
+    started = []
+
+    def interrupted_run(cfg, run_dir):  # what run() returns after SIGINT/SIGTERM: {} and no summary.json
+        started.append(run_dir.name)
+        return {}
+
+    monkeypatch.setattr(rl4diffusion.train, "run", interrupted_run)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["suite=shapes_smoke", "seeds=2", f"out_dir={tmp_path}"])
+    run_suite(cfg)
+    assert started == ["ddpo_s0"]  # not refl_s0 nor seed 1: Ctrl-C on the bench stops the bench
