@@ -16,21 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rl4diffusion.bench_report import load_evals, run_curves
-
-KEYS = ("diversity", "fid_base")
-
-
-def at_reward(curve: list[dict], target: float) -> dict | None:
-    """Diversity and FID vs base where ``curve`` (evaluations in training order) first reaches ``target``."""
-    if curve and curve[0]["reward_mean"] >= target:  # the base model already had this reward
-        return {"queries": 0.0, **{k: curve[0][k] for k in KEYS}}
-    for before, after in zip(curve, curve[1:]):
-        if after["reward_mean"] >= target:  # before < target ≤ after: interpolate between them
-            w = (target - before["reward_mean"]) / (after["reward_mean"] - before["reward_mean"])
-            return {"queries": before["reward_queries"] + w * (after["reward_queries"] - before["reward_queries"]),
-                    **{k: before[k] + w * (after[k] - before[k]) for k in KEYS}}
-    return None
+from rl4diffusion.bench_report import at_reward, load_evals, run_curves
 
 
 def main() -> None:
@@ -42,22 +28,24 @@ def main() -> None:
     args = parser.parse_args()
     curves = run_curves(load_evals(Path(args.results) / "evals.jsonl"), args.prompt_set)
     seeds = sorted(s for a, s in curves if a == args.reference)
-    print(f"At {args.reference}'s final mean reward ({args.prompt_set} prompts), per seed; base diversity "
-          f"{curves[(args.reference, seeds[0])][0]['diversity']:.3f}.\n")
-    print("| seed | algorithm | reward | queries | diversity | FID vs base |")
-    print("|---|---|---|---|---|---|")
+    others = [o for o in args.others if any(a == o for a, _ in curves)]
+    if not seeds or not others:
+        raise SystemExit(f"{args.results} has no runs of {args.reference} or of any of {args.others}.")
+    print(f"At {args.reference}'s final mean reward ({args.prompt_set} prompts), per seed. abs Δ diversity is "
+          "the distance from the base model's diversity on the same noise.\n")
+    print("| seed | algorithm | reward | queries | diversity (base) | abs Δ diversity | FID vs base |")
+    print("|---|---|---|---|---|---|---|")
     for seed in seeds:
-        final = curves[(args.reference, seed)][-1]
-        print(f"| {seed} | {args.reference} (final) | {final['reward_mean']:.2f} | {final['reward_queries']} | "
-              f"{final['diversity']:.3f} | {final['fid_base']:.1f} |")
-        for other in args.others:
-            point = at_reward(curves.get((other, seed), []), final["reward_mean"])
+        base, final = curves[(args.reference, seed)][0], curves[(args.reference, seed)][-1]
+        rows = [(f"{args.reference} (final)", final)]
+        rows += [(other, at_reward(curves.get((other, seed), []), final["reward_mean"])) for other in others]
+        for name, point in rows:
             if point is None:
-                print(f"| {seed} | {other} | not reached | – | – | – |")
-            else:
-                print(f"| {seed} | {other} | {final['reward_mean']:.2f} | {point['queries']:.0f} | "
-                      f"{point['diversity']:.3f} | {point['fid_base']:.1f} |")
-
+                print(f"| {seed} | {name} | not reached | – | – | – | – |")
+                continue
+            print(f"| {seed} | {name} | {final['reward_mean']:.2f} | {point['reward_queries']:.0f} | "
+                  f"{point['diversity']:.4f} ({base['diversity']:.4f}) | "
+                  f"{abs(point['diversity'] - base['diversity']):.4f} | {point['fid_base']:.1f} |")
 
 if __name__ == "__main__":
     main()

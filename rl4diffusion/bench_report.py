@@ -165,6 +165,20 @@ def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
     return "\n".join(lines)
 
 
+def at_reward(curve: list[dict], target: float, keys=("diversity", "fid_base")) -> dict | None:
+    """Reward queries and ``keys`` (diversity, FID vs base) where ``curve`` — one run's evaluations in
+    training order — first reaches the mean reward ``target``, linearly interpolated between the two
+    evaluations around the crossing; None if it never does."""
+    if curve and curve[0]["reward_mean"] >= target:  # the base model already had this reward
+        return {"reward_queries": 0.0, **{k: curve[0][k] for k in keys}}
+    for before, after in zip(curve, curve[1:]):
+        if after["reward_mean"] >= target:  # before < target ≤ after: interpolate between them
+            w = (target - before["reward_mean"]) / (after["reward_mean"] - before["reward_mean"])
+            return {"reward_queries": before["reward_queries"] + w * (after["reward_queries"] - before["reward_queries"]),
+                    **{k: before[k] + w * (after[k] - before[k]) for k in keys}}
+    return None
+
+
 def _curves(rows, x_key, y_key, prompt_set):
     """algo → (xs, ys) averaged over seeds by evaluation index (the k-th evaluation of every seed:
     budgets in CPU time end seeds at different epochs, so steps need not coincide)."""
