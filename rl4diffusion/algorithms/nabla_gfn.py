@@ -79,8 +79,9 @@ class NablaGFNConfig:
     """λ_reg, weight of mean (ε̂_θ(x) − ε̂_old(x))² against the sampling-time prediction (paper: 1e2–2e3)."""
     pretrained_strength: float = 1.0
     """κ, multiplies the reference scores s_ref and both reverse scores (1 = the pretrained model as prior)."""
-    timestep_fraction: float = 0.1
-    """Each chain trains its terminal step plus one step in each of ⌊N·fraction⌋ strata."""
+    timestep_fraction: float = 0.05
+    """Each chain trains its terminal step plus one step in each of ⌊N·fraction⌋ strata (paper: 0.1 of 50 steps).
+    A non-terminal transition costs two reward gradients, so fewer strata buy more chains per reward query."""
     use_previous_batch: bool = True
     """Train on the chains collected one iteration earlier (upstream, off-policy by one update); False = the fresh batch."""
     no_flow: bool = False
