@@ -47,5 +47,6 @@ def main() -> None:
                   f"{point['diversity']:.4f} ({base['diversity']:.4f}) | "
                   f"{abs(point['diversity'] - base['diversity']):.4f} | {point['fid_base']:.1f} |")
 
+
 if __name__ == "__main__":
     main()

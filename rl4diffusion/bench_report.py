@@ -150,17 +150,15 @@ def queries_to_reach(rows: list[dict], prompt_set: str) -> str:
     for a in algos:
         cells = []
         for b in algos:
-            if a == b or not seeds_of(a, b):
-                cells.append("–")
-                continue
+            seeds = seeds_of(a, b) if a != b else []
             per_seed = []
-            for s in seeds_of(a, b):
+            for s in seeds:
                 target = curves[(b, s)][-1]["reward_mean"]
                 hit = next((r["reward_queries"] for r in curves[(a, s)] if r["reward_mean"] >= target), None)
                 per_seed.append("–" if hit is None else str(hit))
-            cells.append(" / ".join(per_seed))
+            cells.append(" / ".join(per_seed) or "–")
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    finals = [" / ".join(str(curves[(b, s)][-1]["reward_queries"]) for s in sorted(s for (x, s) in curves if x == b)) for b in algos]
+    finals = [" / ".join(str(curves[(b, s)][-1]["reward_queries"]) for s in seeds_of(b, b)) for b in algos]
     lines.append("| *column's final queries* | " + " | ".join(finals) + " |")
     return "\n".join(lines)
 
