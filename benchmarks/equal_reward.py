@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from rl4diffusion.bench_report import at_reward, load_evals, run_curves
+from rl4diffusion.errors import ConfigError
 
 
 def main() -> None:
@@ -26,7 +27,10 @@ def main() -> None:
     parser.add_argument("--others", nargs="+", default=["refl", "draft", "alignprop"])
     parser.add_argument("--prompt-set", default="train")
     args = parser.parse_args()
-    curves = run_curves(load_evals(Path(args.results) / "evals.jsonl"), args.prompt_set)
+    try:
+        curves = run_curves(load_evals(Path(args.results) / "evals.jsonl"), args.prompt_set)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
     seeds = sorted(s for a, s in curves if a == args.reference)
     others = [o for o in args.others if any(a == o for a, _ in curves)]
     if not seeds or not others:

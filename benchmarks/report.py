@@ -3,6 +3,10 @@
 import sys
 
 from rl4diffusion.bench_report import write_report
+from rl4diffusion.errors import ConfigError
 
 if __name__ == "__main__":
-    print(write_report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/shapes"))
+    try:
+        print(write_report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/shapes"))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")

@@ -8,6 +8,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from rl4diffusion.errors import ConfigError
+
 COLUMNS = [  # (record key, column title, higher is better?)
     ("reward_mean", "reward", True),
     ("diversity", "diversity", True),
@@ -18,6 +20,9 @@ COLUMNS = [  # (record key, column title, higher is better?)
 
 
 def load_evals(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: give the results directory of a suite run by "
+                          "`python -m rl4diffusion.bench` (e.g. benchmarks/results/shapes), which holds evals.jsonl.")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

@@ -154,3 +154,12 @@ def test_an_interrupted_run_stops_the_suite(tmp_path, monkeypatch):
         cfg = compose("bench", overrides=["suite=shapes_smoke", "seeds=2", f"out_dir={tmp_path}"])
     run_suite(cfg)
     assert started == ["ddpo_s0"]  # not refl_s0 nor seed 1: Ctrl-C on the bench stops the bench
+
+
+def test_a_report_of_a_directory_without_evals_says_what_to_give(tmp_path):
+    import pytest
+
+    from rl4diffusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="evals.jsonl"):
+        write_report(tmp_path)
