@@ -38,7 +38,7 @@ def child(args) -> dict:
 
     from rl4diffusion import keys
     from rl4diffusion.algorithms import build_algorithm
-    from rl4diffusion.policy import DiffusionPolicy
+    from rl4diffusion.policies.base import DiffusionPolicy
     from rl4diffusion.rewards import Reward
 
     torch.set_num_threads(args.threads)

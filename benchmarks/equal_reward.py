@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rl4diffusion.bench_report import at_reward, load_evals, run_curves
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.report import at_reward, load_evals, run_curves
 
 
 def main() -> None:

@@ -44,14 +44,14 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from rl4diffusion.train import CONF_DIR, rewrite_overrides
+    from rl4diffusion.cli.overrides import CONF_DIR, rewrite_overrides
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return hydra_compose("train", overrides=rewrite_overrides(overrides))
 
 
 def train(method: str, seed: int, run_dir: Path, args) -> dict:
-    from rl4diffusion.train import run
+    from rl4diffusion.training.trainer import run
 
     overrides = [
         f"algo={method}", f"model={args.model}", "reward=shape_alignment", f"epochs={args.epochs}", "eval.every=0",
@@ -65,7 +65,7 @@ def train(method: str, seed: int, run_dir: Path, args) -> dict:
 
 @torch.no_grad()
 def rewards_on_seeds(policy, reward, prompts: list[str], *, samples: int, seed: int, base: bool) -> torch.Tensor:
-    from rl4diffusion.evaluation import sample_fixed
+    from rl4diffusion.training.evaluation import sample_fixed
 
     if base:
         with policy.reference():
@@ -97,10 +97,10 @@ def main() -> None:
     from omegaconf import OmegaConf
     from safetensors.torch import load_file
 
-    from rl4diffusion.checkpoint import latest_checkpoint, load_trainable_state
-    from rl4diffusion.policy import DiffusionPolicy
-    from rl4diffusion.prompts import resolve_prompts
+    from rl4diffusion.data.prompts import resolve_prompts
+    from rl4diffusion.policies.base import DiffusionPolicy
     from rl4diffusion.rewards import build_reward
+    from rl4diffusion.training.checkpoint import latest_checkpoint, load_trainable_state
 
     reward = build_reward("shape_alignment")
     # the sampler settings of the runs (conf/model/tiny.yaml and any model.* overrides), so base and fine-tuned

@@ -2,8 +2,8 @@
 
 import sys
 
-from rl4diffusion.bench_report import write_report
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.report import write_report
 
 if __name__ == "__main__":
     try:

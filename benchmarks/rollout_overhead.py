@@ -18,8 +18,8 @@ import torch
 
 from rl4diffusion.data import collect_trajectories
 from rl4diffusion.envs import DenoisingEnv
-from rl4diffusion.policy import DiffusionPolicy
-from rl4diffusion.steps import ddim_step_with_log_prob
+from rl4diffusion.policies.base import DiffusionPolicy
+from rl4diffusion.policies.steps import ddim_step_with_log_prob
 
 
 def zero_reward(images, prompts):

@@ -28,11 +28,11 @@ def measure_one(algo: str, epochs: int, threads: int) -> dict:
     import torch
 
     from rl4diffusion.algorithms import build_algorithm
+    from rl4diffusion.cli.overrides import CONF_DIR
+    from rl4diffusion.data.prompts import resolve_prompts
     from rl4diffusion.envs import DenoisingEnv
-    from rl4diffusion.policy import DiffusionPolicy
-    from rl4diffusion.prompts import resolve_prompts
+    from rl4diffusion.policies.base import DiffusionPolicy
     from rl4diffusion.rewards import build_reward
-    from rl4diffusion.train import CONF_DIR
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ def random_pipeline_dir(tmp_path_factory):
 @pytest.fixture
 def make_policy(random_pipeline_dir):
     """Build a fresh DiffusionPolicy over the saved random pipeline (options = PolicyConfig fields)."""
-    from rl4diffusion.policy import DiffusionPolicy
+    from rl4diffusion.policies.base import DiffusionPolicy
 
     def build(**options):
         options.setdefault("num_steps", 5)
@@ -46,7 +46,7 @@ def compose_config(overrides: list[str]):
     """The training config as the CLI would build it from ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.train import CONF_DIR, rewrite_overrides
+    from rl4diffusion.cli.overrides import CONF_DIR, rewrite_overrides
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose("train", overrides=rewrite_overrides(overrides))

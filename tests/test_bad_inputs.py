@@ -2,8 +2,9 @@
 
 import pytest
 
+from rl4diffusion.cli.overrides import check_config, rewrite_overrides
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import TrainingAborted, check_config, rewrite_overrides, run
+from rl4diffusion.training.trainer import TrainingAborted, run
 from tests.conftest import compose_config
 
 BASE = ["algo=ddpo", "reward=jpeg_compressibility", "prompts=[a red circle,a blue square]",

@@ -5,8 +5,8 @@ import json
 import torch
 from hydra import compose, initialize_config_dir
 
-from rl4diffusion.bench import CONF_DIR, run_suite
-from rl4diffusion.bench_report import write_report
+from rl4diffusion.cli.bench import CONF_DIR, run_suite
+from rl4diffusion.training.report import write_report
 
 
 def test_smoke_suite_runs_resumes_and_reports(tmp_path):
@@ -47,7 +47,8 @@ def test_bench_command_line_refuses_bad_input_clearly():
 
 
 def test_cpu_budget_stops_the_run_and_evaluations_follow_reward_queries(tmp_path):
-    from rl4diffusion.train import rewrite_overrides, run
+    from rl4diffusion.cli.overrides import rewrite_overrides
+    from rl4diffusion.training.trainer import run
 
     overrides = ["algo=refl", "model.num_steps=6", "algo.batch_size=8", "epochs=200", "threads=1", "progress=false",
                  "save_lora=false", "checkpoint.every=0", "budget.train_cpu_seconds=4", "eval.every=0",
@@ -68,8 +69,8 @@ def test_cpu_budget_stops_the_run_and_evaluations_follow_reward_queries(tmp_path
 
 
 def test_report_pools_seeds_and_compares_final_checkpoints_head_to_head():
-    from rl4diffusion.bench_report import head_to_head, pooled_win_rate, table
     from rl4diffusion.metrics.winrate import win_rate
+    from rl4diffusion.training.report import head_to_head, pooled_win_rate, table
 
     def record(algo, seed, step, rewards, win):
         return {"algo": algo, "seed": seed, "step": step, "phase": "eval", "prompt_set": "train", "reward_mean": 0.0,
@@ -92,7 +93,7 @@ def test_report_pools_seeds_and_compares_final_checkpoints_head_to_head():
 
 
 def test_report_counts_the_queries_one_algorithm_needs_to_reach_anothers_final_reward():
-    from rl4diffusion.bench_report import queries_to_reach
+    from rl4diffusion.training.report import queries_to_reach
 
     def record(algo, seed, queries, reward):
         return {"algo": algo, "seed": seed, "step": queries, "phase": "eval", "prompt_set": "train",
@@ -111,7 +112,7 @@ def test_report_counts_the_queries_one_algorithm_needs_to_reach_anothers_final_r
 
 
 def test_queries_to_reach_takes_the_last_evaluation_when_queries_tie():
-    from rl4diffusion.bench_report import queries_to_reach
+    from rl4diffusion.training.report import queries_to_reach
 
     def record(algo, step, queries, reward):
         return {"algo": algo, "seed": 0, "step": step, "phase": "eval", "prompt_set": "train",
@@ -125,7 +126,7 @@ def test_queries_to_reach_takes_the_last_evaluation_when_queries_tie():
 
 
 def test_at_reward_interpolates_diversity_where_a_curve_first_reaches_a_reward():
-    from rl4diffusion.bench_report import at_reward
+    from rl4diffusion.training.report import at_reward
 
     def point(queries, reward, diversity, fid_base):
         return {"reward_queries": queries, "reward_mean": reward, "diversity": diversity, "fid_base": fid_base}
@@ -141,7 +142,7 @@ def test_at_reward_interpolates_diversity_where_a_curve_first_reaches_a_reward()
 
 
 def test_an_interrupted_run_stops_the_suite(tmp_path, monkeypatch):
-    import rl4diffusion.train
+    import rl4diffusion.training.trainer
 
     started = []
 
@@ -149,7 +150,7 @@ def test_an_interrupted_run_stops_the_suite(tmp_path, monkeypatch):
         started.append(run_dir.name)
         return {}
 
-    monkeypatch.setattr(rl4diffusion.train, "run", interrupted_run)
+    monkeypatch.setattr(rl4diffusion.training.trainer, "run", interrupted_run)
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("bench", overrides=["suite=shapes_smoke", "seeds=2", f"out_dir={tmp_path}"])
     run_suite(cfg)

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from rl4diffusion.cli.overrides import rewrite_overrides
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import rewrite_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ import torch
 
 from rl4diffusion.algorithms.ddpo import ddpo_loss
 from rl4diffusion.data import PerPromptStatTracker
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 

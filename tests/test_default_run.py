@@ -7,7 +7,7 @@ must still raise the eval reward above the base model's on the same seeds.
 
 import json
 
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 

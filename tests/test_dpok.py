@@ -9,7 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from rl4diffusion import keys
 from rl4diffusion.algorithms.dpok import DPOK, DPOKConfig, dpok_loss, gaussian_mean_kl
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 

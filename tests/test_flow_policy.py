@@ -8,8 +8,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from rl4diffusion import keys
-from rl4diffusion.steps import flow_sde_step_with_log_prob
-from rl4diffusion.train import run
+from rl4diffusion.policies.steps import flow_sde_step_with_log_prob
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -36,7 +36,7 @@ def sd3_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture
 def flow_policy(sd3_pipeline_dir):
-    from rl4diffusion.policy import DiffusionPolicy
+    from rl4diffusion.policies.base import DiffusionPolicy
 
     def build(**options):
         options = {"num_steps": 4, "guidance_scale": 3.0, "max_sequence_length": 8, **options}
@@ -92,7 +92,7 @@ def test_noise_level_zero_is_the_flow_match_euler_step():
 
 
 def test_ode_sampling_reproduces_the_sd3_pipeline(flow_policy, sd3_pipeline_dir):
-    from rl4diffusion.flow_policy import FlowMatchingPolicy
+    from rl4diffusion.policies.flow import FlowMatchingPolicy
 
     policy = flow_policy()
     assert isinstance(policy, FlowMatchingPolicy) and policy.kind == "flow"
@@ -178,8 +178,8 @@ def test_model_sd3_config_builds_a_trainable_flow_policy(sd3_pipeline_dir):
     an SD3 pipeline; only the weights, the size and the T5 length are swapped for the toy ones."""
     from omegaconf import OmegaConf
 
-    from rl4diffusion.flow_policy import FlowMatchingPolicy
-    from rl4diffusion.policy import DiffusionPolicy
+    from rl4diffusion.policies.base import DiffusionPolicy
+    from rl4diffusion.policies.flow import FlowMatchingPolicy
 
     cfg = compose_config(["algo=grpo", "model=sd3", f"model.pretrained={sd3_pipeline_dir}", "model.height=null",
                           "model.width=null", "model.max_sequence_length=8"])

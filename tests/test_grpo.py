@@ -14,7 +14,7 @@ from rl4diffusion import keys
 from rl4diffusion.algorithms.grpo import GRPOConfig, group_advantages, groups_with_signal, grpo_loss
 from rl4diffusion.data.sampler import GroupedPromptSampler
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]

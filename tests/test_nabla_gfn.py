@@ -22,7 +22,7 @@ from rl4diffusion.algorithms.nabla_gfn import (
 from rl4diffusion.data import collect_trajectories
 from rl4diffusion.envs import DenoisingEnv
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import bright_reward, brightness, compose_config
 
 PROMPTS = ["a red circle", "a blue square"]

@@ -15,7 +15,6 @@ from PIL import Image
 
 from rl4diffusion import keys
 from rl4diffusion.data import make_replay_buffer
-from rl4diffusion.data.make_pairs import main as make_pairs_main
 from rl4diffusion.data.preferences import (
     decode_image,
     generate_preference_pairs,
@@ -23,6 +22,7 @@ from rl4diffusion.data.preferences import (
     write_pairs_parquet,
 )
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.make_pairs import main as make_pairs_main
 from rl4diffusion.rewards.registry import Reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,7 +176,7 @@ def test_make_pairs_command_line(tmp_path, random_pipeline_dir, capsys):
     out = tmp_path / "cli_pairs.parquet"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "rl4diffusion.data.make_pairs", f"model=path:{random_pipeline_dir}", "model.num_steps=3",
+        [sys.executable, "-m", "rl4diffusion.make_pairs", f"model=path:{random_pipeline_dir}", "model.num_steps=3",
          "reward=jpeg_compressibility", "n=3", f"out={out}", "prompts=[a red circle]", "batch_size=2"],
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
     )

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rl4diffusion.train import run
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 

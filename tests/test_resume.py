@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from rl4diffusion.checkpoint import latest_checkpoint
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.train import run
+from rl4diffusion.training.checkpoint import latest_checkpoint
+from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -350,7 +350,7 @@ def test_refl_pretraining_regulariser_is_the_denoising_loss_on_shapes(make_polic
 @pytest.mark.parametrize("algo, extra", [("draft", []), ("refl", ["algo.reward_target=1.0"]), ("alignprop", [])])
 def test_training_raises_a_differentiable_reward_on_the_random_pipeline(random_pipeline_dir, tmp_path, monkeypatch,
                                                                          algo, extra):
-    from rl4diffusion.train import run
+    from rl4diffusion.training.trainer import run
     from tests.conftest import compose_config
 
     (tmp_path / "bright_rewards_backprop.py").write_text(
@@ -373,7 +373,7 @@ def test_training_raises_a_differentiable_reward_on_the_random_pipeline(random_p
 def test_resume_continues_exactly(random_pipeline_dir, tmp_path, monkeypatch):
     """2 epochs + resume to 3 = 3 epochs straight: optimiser, generators (chain noise, the ReFL step, the
     regulariser's data) and the buffer's order are all in the checkpoint."""
-    from rl4diffusion.train import run
+    from rl4diffusion.training.trainer import run
     from tests.conftest import compose_config
 
     (tmp_path / "bright_rewards_backprop.py").write_text(
@@ -402,7 +402,7 @@ def test_resume_continues_exactly(random_pipeline_dir, tmp_path, monkeypatch):
 def test_each_method_raises_shape_alignment_on_the_tiny_model(tmp_path, algo):
     """The acceptance run: the configured defaults raise the eval reward on the embedded world in CPU-minutes
     (base and final evaluated on the same seeds)."""
-    from rl4diffusion.train import run
+    from rl4diffusion.training.trainer import run
     from tests.conftest import compose_config
 
     cfg = compose_config([*algo, "reward=shape_alignment", "model=tiny", "epochs=20", "eval.every=0",

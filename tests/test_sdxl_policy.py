@@ -3,8 +3,8 @@
 import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
-from rl4diffusion.policy import DiffusionPolicy
-from rl4diffusion.sdxl_policy import SDXLPolicy
+from rl4diffusion.policies.base import DiffusionPolicy
+from rl4diffusion.policies.sdxl import SDXLPolicy
 from rl4diffusion.testing import make_random_sdxl_pipeline
 
 

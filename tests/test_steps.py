@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rl4diffusion.steps import ddim_alphas, ddim_step_with_log_prob, gaussian_log_prob
+from rl4diffusion.policies.steps import ddim_alphas, ddim_step_with_log_prob, gaussian_log_prob
 
 
 def _scheduler(**kw):

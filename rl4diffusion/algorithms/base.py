@@ -20,7 +20,7 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     requires_differentiable_reward: ClassVar[bool] = False
-    distributed = None  # set by the trainer to a rl4diffusion.distributed.Distributed in multi-process runs
+    distributed = None  # set by the trainer to a rl4diffusion.training.distributed.Distributed in multi-process runs
 
     def __init__(self, policy, reward):
         check_reward_compatible(type(self), reward)

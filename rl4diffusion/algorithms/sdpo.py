@@ -52,7 +52,7 @@ from rl4diffusion.algorithms.diffusion_dpo import (
     preference_margin,
 )
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.steps import gaussian_log_prob, model_output_to_x0_eps
+from rl4diffusion.policies.steps import gaussian_log_prob, model_output_to_x0_eps
 
 
 @dataclass

@@ -21,7 +21,7 @@ label_1    float     1 − label_0
   run reads them back instead of re-encoding.
 * ``generate_preference_pairs`` / ``write_pairs_parquet`` make AI-feedback pairs: two samples
   of the base model per prompt, the higher reward wins (exact ties skipped). The command-line
-  face is ``python -m rl4diffusion.data.make_pairs``. Images are stored as JPEG (quality 95,
+  face is ``python -m rl4diffusion.make_pairs``. Images are stored as JPEG (quality 95,
   no chroma subsampling) to keep Pick-a-Pic's layout: the re-encode is lossy, so the latents
   trained on are those of the *decoded JPEG*, not the sampled x₀.
 
@@ -104,7 +104,7 @@ def parquet_files(path: str | Path) -> list[Path]:
     if not p.is_file():
         raise ConfigError(f"preference dataset {str(p)!r} does not exist. Set algo.dataset to a parquet file (or a "
                           "directory of them) with columns caption, jpg_0, jpg_1, label_0, label_1 — make one with "
-                          "`python -m rl4diffusion.data.make_pairs` — or leave algo.dataset unset to generate "
+                          "`python -m rl4diffusion.make_pairs` — or leave algo.dataset unset to generate "
                           "AI-feedback pairs from the base model and the reward at start-up.")
     return [p]
 

@@ -26,7 +26,7 @@ class DenoisingGymEnv(gym.Env):
 
     def __init__(self, policy=None, reward=None, prompts: Sequence[str] | None = None, render_mode: str | None = None):
         if policy is None:
-            from rl4diffusion.policy import DiffusionPolicy
+            from rl4diffusion.policies.base import DiffusionPolicy
 
             policy = DiffusionPolicy.from_pretrained("tiny")
         if reward is None:

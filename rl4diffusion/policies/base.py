@@ -4,7 +4,7 @@ The policy owns what every algorithm needs from the model and nothing else:
 
 * prompt encoding, cached (the text encoder is frozen, so an embedding never changes);
 * the noise prediction with classifier-free guidance, ε̂ = ε_u + w (ε_c − ε_u);
-* one stochastic DDIM step **with its Gaussian log-probability** (``rl4diffusion.steps``);
+* one stochastic DDIM step **with its Gaussian log-probability** (``rl4diffusion.policies.steps``);
 * the one-step clean-sample prediction x̂₀(x_t) and decoding latents to images in [0, 1];
 * the trainable parameters (LoRA through peft by default, or the full network) and the
   reference model — the same network with the adapter disabled, so no second copy.
@@ -36,7 +36,7 @@ from torch import nn
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError, MissingWeightsError
-from rl4diffusion.steps import StepOutput, ddim_alphas, ddim_step_with_log_prob
+from rl4diffusion.policies.steps import StepOutput, ddim_alphas, ddim_step_with_log_prob
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +241,11 @@ class DiffusionPolicy(nn.Module):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if cls is DiffusionPolicy and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            from rl4diffusion.flow_policy import FlowMatchingPolicy  # a flow-matching model (SD3)
+            from rl4diffusion.policies.flow import FlowMatchingPolicy  # a flow-matching model (SD3)
 
             return FlowMatchingPolicy(pipe, config, device=device)
         if cls is DiffusionPolicy and getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "unet"):
-            from rl4diffusion.sdxl_policy import SDXLPolicy  # two text encoders + size conditioning
+            from rl4diffusion.policies.sdxl import SDXLPolicy  # two text encoders + size conditioning
 
             return SDXLPolicy(pipe, config, device=device)
         return cls(pipe, config, device=device)
@@ -365,7 +365,7 @@ class DiffusionPolicy(nn.Module):
 
     def pred_x0(self, latents: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """x̂₀(x_t) = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t) (or its v/x₀-prediction equivalent)."""
-        from rl4diffusion.steps import model_output_to_x0_eps
+        from rl4diffusion.policies.steps import model_output_to_x0_eps
 
         alpha_t, _ = self.alphas(timesteps.expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps)
         return model_output_to_x0_eps(model_output, latents, alpha_t, self.scheduler.config.prediction_type)[0]

@@ -9,7 +9,7 @@ apart), with the flow-matching pieces in place of DDIM's:
 * the schedule is ``FlowMatchEulerDiscreteScheduler``'s: timesteps t = 1000·σ (float),
   σ from 1 (noise) to 0 (data);
 * the step is Flow-GRPO's SDE with the ODE's marginals and its Gaussian log-probability
-  (``rl4diffusion.steps.flow_sde_step_with_log_prob``), noise level a = ``model.noise_level``.
+  (``rl4diffusion.policies.steps.flow_sde_step_with_log_prob``), noise level a = ``model.noise_level``.
 
 ``DiffusionPolicy.from_pretrained`` returns this class whenever the pipeline's scheduler is a
 FlowMatchEulerDiscreteScheduler, so ``model.pretrained=stabilityai/stable-diffusion-3-medium-diffusers``
@@ -36,8 +36,8 @@ from torch import nn
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.policy import _DTYPES, DiffusionPolicy, PolicyConfig
-from rl4diffusion.steps import StepOutput, flow_sde_step_with_log_prob
+from rl4diffusion.policies.base import _DTYPES, DiffusionPolicy, PolicyConfig
+from rl4diffusion.policies.steps import StepOutput, flow_sde_step_with_log_prob
 
 
 class FlowMatchingPolicy(DiffusionPolicy):

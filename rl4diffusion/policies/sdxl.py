@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rl4diffusion.policy import DiffusionPolicy, PolicyConfig
+from rl4diffusion.policies.base import DiffusionPolicy, PolicyConfig
 
 
 class SDXLPolicy(DiffusionPolicy):

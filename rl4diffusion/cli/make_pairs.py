@@ -1,4 +1,4 @@
-"""Make AI-feedback preference pairs: ``python -m rl4diffusion.data.make_pairs model=… reward=… n=… out=pairs.parquet``.
+"""Make AI-feedback preference pairs: ``python -m rl4diffusion.make_pairs model=… reward=… n=… out=pairs.parquet``.
 
 Samples two images per prompt from the model (its pretrained weights, the sampler settings of
 the ``model`` config group), scores both with the reward, and writes the pair in the Pick-a-Pic
@@ -7,8 +7,8 @@ reward wins; exact ties (or, with ``min_margin=…``, reward gaps up to that) ar
 
 Examples::
 
-    python -m rl4diffusion.data.make_pairs model=tiny reward=shape_alignment n=512 out=pairs.parquet
-    python -m rl4diffusion.data.make_pairs model=path:/models/sd15 reward=jpeg_compressibility n=64 \\
+    python -m rl4diffusion.make_pairs model=tiny reward=shape_alignment n=512 out=pairs.parquet
+    python -m rl4diffusion.make_pairs model=path:/models/sd15 reward=jpeg_compressibility n=64 \\
         out=/data/jpeg_pairs.parquet prompts=animals seed=1 model.guidance_scale=5
 
 Options: ``n`` (pairs, required), ``out`` (parquet path, required), ``prompts`` (a prompt set:
@@ -43,7 +43,7 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
     for arg in args:
         key, eq, value = arg.partition("=")
         if not eq:
-            raise ConfigError(f"argument {arg!r} is not key=value. Usage: python -m rl4diffusion.data.make_pairs "
+            raise ConfigError(f"argument {arg!r} is not key=value. Usage: python -m rl4diffusion.make_pairs "
                               "model=tiny reward=shape_alignment n=512 out=pairs.parquet [prompts=train seed=0].")
         if key in OWN_KEYS:
             try:
@@ -94,7 +94,8 @@ def make_pairs(options: dict, overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from rl4diffusion.train import CONF_DIR, resolve_device, rewrite_overrides
+    from rl4diffusion.cli.overrides import CONF_DIR, rewrite_overrides
+    from rl4diffusion.training.trainer import resolve_device
 
     check_output_path(options["out"])
 
@@ -104,15 +105,15 @@ def make_pairs(options: dict, overrides: list[str]) -> dict:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(f"bad override: {str(e).splitlines()[0]} (see conf/model/*.yaml and conf/reward/*.yaml)") from None
 
-    from rl4diffusion.config import validate_train_config
-    from rl4diffusion.policy import DiffusionPolicy, PolicyConfig, check_pretrained_available
+    from rl4diffusion.policies.base import DiffusionPolicy, PolicyConfig, check_pretrained_available
+    from rl4diffusion.training.config import validate_train_config
 
     validate_train_config(cfg)
     check_pretrained_available(str(cfg.model.pretrained))
     import torch
 
     from rl4diffusion.data.preferences import generate_preference_pairs, write_pairs_parquet
-    from rl4diffusion.prompts import resolve_prompts
+    from rl4diffusion.data.prompts import resolve_prompts
     from rl4diffusion.rewards import build_reward
 
     device = resolve_device(options["device"])

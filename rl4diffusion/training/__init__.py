@@ -1,0 +1,1 @@
+"""Training: the accelerate-native trainer, checkpoints, evaluation and the run log."""
