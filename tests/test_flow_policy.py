@@ -109,19 +109,26 @@ def test_ode_sampling_reproduces_the_sd3_pipeline(flow_policy, sd3_pipeline_dir)
 
 def test_env_carries_pooled_embeds_and_log_prob_recomputes(flow_policy):
     from rl4diffusion.data import collect_trajectories
+    from rl4diffusion.data.rollout import conditioning_table
     from rl4diffusion.envs import DenoisingEnv
 
     policy = flow_policy(noise_level=0.7)
     env = DenoisingEnv(policy, lambda images, prompts: images.mean(dim=(1, 2, 3)), PROMPTS, batch_size=3)
     td = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0))
-    assert td.shape == (3, 4) and td[keys.POOLED_PROMPT_EMBEDS].shape == (3, 4, 64)
-    torch.testing.assert_close(td[keys.POOLED_PROMPT_EMBEDS][:, 0], policy.encode_pooled_prompts(env.core.prompts_of(td[keys.PROMPT_ID][:, 0])))
+    # trajectories store prompt ids, not a copy of the conditioning per step; the table gives it back
+    assert td.shape == (3, 4) and keys.POOLED_PROMPT_EMBEDS not in td.keys() and keys.PROMPT_EMBEDS not in td.keys()
+    table = conditioning_table(policy, PROMPTS)
+    assert table[keys.POOLED_PROMPT_EMBEDS].shape == (len(PROMPTS), 64)
+    torch.testing.assert_close(table[keys.POOLED_PROMPT_EMBEDS][td[keys.PROMPT_ID][:, 0]],
+                               policy.encode_pooled_prompts(env.core.prompts_of(td[keys.PROMPT_ID][:, 0])))
     torch.testing.assert_close(td[keys.TIMESTEP][0], policy.timesteps)
     # the chain is consistent: each state's latents are the previous action; recomputed log-probs match
     torch.testing.assert_close(td[keys.LATENTS][:, 1:], td[keys.ACTION][:, :-1])
     with torch.no_grad():
         for j in range(4):
-            torch.testing.assert_close(policy.log_prob(td[:, j]).log_prob, td[keys.SAMPLE_LOG_PROB][:, j], rtol=1e-4, atol=1e-4)
+            step = td[:, j]
+            step.update({key: value[step[keys.PROMPT_ID]] for key, value in table.items()})
+            torch.testing.assert_close(policy.log_prob(step).log_prob, td[keys.SAMPLE_LOG_PROB][:, j], rtol=1e-4, atol=1e-4)
     assert torch.isfinite(td[keys.NEXT, keys.REWARD]).all()
 
 

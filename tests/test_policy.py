@@ -1,7 +1,14 @@
-"""DiffusionPolicy: pipeline equivalence, caching, LoRA, reference and checkpoints."""
+"""DiffusionPolicy: pipeline equivalence, caching, LoRA, reference, checkpoints and the choice of class."""
 
+import ast
+from pathlib import Path
+
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+
+from rl4diffusion.errors import ConfigError
+from rl4diffusion.policies import DiffusionPolicy, FlowMatchingPolicy, SDXLPolicy, StableDiffusionPolicy
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -67,7 +74,8 @@ def test_full_finetune_reference_is_frozen_copy(make_policy):
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.mul_(1.01)
-        assert not torch.allclose(policy.predict_noise(x, t, emb), policy.predict_noise(x, t, emb, use_reference=True))
+        reference = policy.predict_noise(x, t, emb, use_reference=True)
+        assert not torch.allclose(policy.predict_noise(x, t, emb), reference)
 
 
 def test_lora_checkpoint_loads_with_diffusers(make_policy, random_pipeline_dir, tmp_path):
@@ -85,3 +93,31 @@ def test_lora_checkpoint_loads_with_diffusers(make_policy, random_pipeline_dir, 
         ours = policy.unet(x, t, encoder_hidden_states=emb).sample
         theirs = pipe.unet(x, t, encoder_hidden_states=emb).sample
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_from_pretrained_picks_the_most_specific_class_that_fits(random_pipeline_dir, tmp_path):
+    from rl4diffusion.testing import make_random_sd_pipeline, make_random_sdxl_pipeline
+
+    assert type(DiffusionPolicy.from_pretrained(random_pipeline_dir, num_steps=2)) is StableDiffusionPolicy
+    assert type(StableDiffusionPolicy.from_pretrained(random_pipeline_dir)) is StableDiffusionPolicy
+    make_random_sdxl_pipeline().save_pretrained(str(tmp_path / "sdxl"))
+    assert type(StableDiffusionPolicy.from_pretrained(str(tmp_path / "sdxl"), num_steps=2)) is SDXLPolicy
+    with pytest.raises(ConfigError, match="FlowMatchingPolicy needs an SD3-style"):
+        FlowMatchingPolicy.from_pretrained(random_pipeline_dir, num_steps=2)
+    with pytest.raises(ConfigError, match="shared base class"):
+        DiffusionPolicy(make_random_sd_pipeline())
+
+    class Custom(StableDiffusionPolicy):  # declares no accepts(): never picked in place of its parent
+        pass
+
+    assert type(DiffusionPolicy.from_pretrained(random_pipeline_dir, num_steps=2)) is StableDiffusionPolicy
+    assert type(Custom.from_pretrained(random_pipeline_dir, num_steps=2)) is Custom
+
+
+def test_the_base_module_does_not_import_its_subclasses():
+    """The subclasses register themselves by subclassing; base.py importing them would be circular."""
+    import rl4diffusion.policies.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {f"rl4diffusion.policies.{name}" for name in ("sd", "sdxl", "flow")}

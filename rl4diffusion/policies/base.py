@@ -1,23 +1,44 @@
-"""DiffusionPolicy: a diffusers pipeline seen as a stochastic policy over denoising steps.
+"""DiffusionPolicy: a diffusers pipeline as a stochastic policy π_θ(x_{t-1} | x_t, c) over denoising steps.
 
-The policy owns what every algorithm needs from the model and nothing else:
+This module holds what every model kind shares, written once:
 
-* prompt encoding, cached (the text encoder is frozen, so an embedding never changes);
-* the noise prediction with classifier-free guidance, ε̂ = ε_u + w (ε_c − ε_u);
-* one stochastic DDIM step **with its Gaussian log-probability** (``rl4diffusion.policies.steps``);
-* the one-step clean-sample prediction x̂₀(x_t) and decoding latents to images in [0, 1];
-* the trainable parameters (LoRA through peft by default, or the full network) and the
-  reference model — the same network with the adapter disabled, so no second copy.
+* prompt encoding, cached per prompt (the text encoders are frozen, so an embedding never changes);
+* classifier-free guidance, ε̂ = ε_u + w (ε_c − ε_u) (Ho & Salimans 2022), over the unconditional
+  and conditional halves of one batched network call, as diffusers' pipelines do;
+* the reference model: the same network with the LoRA adapter disabled (no second copy), or a
+  frozen copy taken at construction under full fine-tuning — ``reference()``, ``use_reference=True``
+  and ``reference_output(td)`` all go through it;
+* the trainable parameters: a LoRA adapter through peft (Hu et al. 2021) or the whole network;
+* the training wrapper (``set_training_denoiser``): accelerate's DDP/FSDP wrapper of the denoiser,
+  through which every network call goes so that gradients sync;
+* the unrolled sampling loop, ``act`` and ``log_prob`` over TensorDicts, decoding and encoding
+  images with the VAE, and saving LoRA weights in diffusers' format.
+
+A subclass says what differs between model kinds, and nothing else:
+
+==========================  ===========================================================
+``accepts(pipeline)``       whether it wraps this pipeline (``from_pretrained`` picks the
+                            most specific subclass that does)
+``_set_up_schedule``        the scheduler and its buffers (``timesteps`` and the step's own)
+``_encode_text``            how the pipeline encodes prompts, and the extra conditioning
+``_denoise``                how the network is called with its conditioning
+``_step`` and ``pred_x0``   the stochastic step with its log-probability (``steps.py``)
+==========================  ===========================================================
+
+``sd.py`` (Stable Diffusion, DDIM step), ``sdxl.py`` (its SDXL variant) and ``flow.py`` (SD3,
+flow-matching SDE step) are the subclasses. Importing ``rl4diffusion.policies`` registers them.
 
 Example::
 
-    policy = DiffusionPolicy.from_pretrained("tiny")
+    policy = DiffusionPolicy.from_pretrained("tiny")  # a StableDiffusionPolicy
     out = policy.sample(["a red circle"], generator=torch.Generator().manual_seed(0))
     out["images"].shape  # torch.Size([1, 3, 32, 32])
 
-The denoising loop is written out here on purpose (diffusers' pipeline ``__call__`` runs
-under ``no_grad`` and hides the log-probability). Sources: DDPO (Black et al. 2023,
-kvablack/ddpo-pytorch ``ddim_with_logprob.py``) for the step, DDIM (Song et al. 2021).
+The denoising loop is written out here on purpose (diffusers' pipeline ``__call__`` runs under
+``no_grad`` and hides the log-probability). Sources: DDPO (Black et al. 2023,
+kvablack/ddpo-pytorch ``pipeline_with_logprob.py``) for the loop, diffusers'
+``StableDiffusionPipeline.__call__`` for the guidance layout, peft's ``LoraConfig`` and diffusers'
+``PeftAdapterMixin`` (``add_adapter``, ``disable_adapters``) for the adapter.
 """
 
 from __future__ import annotations
@@ -29,14 +50,14 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError, MissingWeightsError
-from rl4diffusion.policies.steps import StepOutput, ddim_alphas, ddim_step_with_log_prob
+from rl4diffusion.policies.steps import StepOutput
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +69,7 @@ class PolicyConfig:
     """How to load and sample the model (the Hydra ``model`` group mirrors this)."""
 
     pretrained: str = "tiny"
-    """'tiny' (the embedded model), a local diffusers pipeline directory, or a hub id found in the local cache."""
+    """'tiny' (the embedded model), a local diffusers pipeline directory, or a hub id in the local cache."""
     num_steps: int = 20
     """Denoising steps N of the sampling chain (the MDP's horizon)."""
     guidance_scale: float = 2.0
@@ -74,11 +95,20 @@ class PolicyConfig:
     vae_slicing: bool = False
     """Decode one image at a time (saves memory on large models)."""
     noise_level: float = 0.7
-    """Flow-matching models only: the SDE's noise level a in s_t = a·sqrt(σ/(1−σ)) (Flow-GRPO: 0.7; 0 = the ODE)."""
+    """Flow-matching models only: the SDE's noise level a in s_t = a·sqrt(σ/(1−σ)) (Flow-GRPO 0.7; 0: ODE)."""
     max_sequence_length: int = 256
     """Flow-matching (SD3) models only: T5 prompt tokens (SD3's default 256)."""
     name: str = field(default="", repr=False)
     """Display name of the model config (filled by Hydra)."""
+
+    def validate(self) -> None:
+        """Ranges; keys, types and the Literal choices are the schema's (``rl4diffusion.schema``)."""
+        from rl4diffusion.schema import at_least
+
+        at_least(("model.num_steps", self.num_steps, 1, "denoising steps"),
+                 ("model.guidance_scale", self.guidance_scale, 0, "the classifier-free guidance weight"),
+                 ("model.eta", self.eta, 0, "DDIM's η"),
+                 ("model.lora_rank", self.lora_rank, 1, "the LoRA rank"))
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -106,8 +136,9 @@ def _missing_model_message(path: str) -> str:
         f"the weights of model {path!r} are not on this machine (looked in the Hugging Face cache "
         f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} with local_files_only=True). They are normally "
         f"fetched from the Hugging Face hub: on a machine with access run `huggingface-cli download {path}` "
-        "and copy the cache here, or save the pipeline with save_pretrained and pass model.pretrained=/that/dir "
-        "(or model=path:/that/dir). To run offline now, use the embedded model: model=tiny."
+        "and copy the cache here, or save the pipeline with save_pretrained and pass "
+        "model.pretrained=/that/dir (or model=path:/that/dir). To run offline now, use the embedded model: "
+        "model=tiny."
     )
 
 
@@ -147,108 +178,147 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def per_sample_timesteps(timesteps: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """Timesteps [B] for a batch of latents [B, ...]: a scalar timestep is shared by every sample."""
+    return timesteps.to(latents.device).expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps
+
+
 class DiffusionPolicy(nn.Module):
-    """A diffusers Stable-Diffusion-style pipeline as a policy π_θ(x_{t-1} | x_t, c).
+    """The shared base of the policy classes: a diffusers pipeline as a policy π_θ(x_{t-1} | x_t, c).
+
+    Build one with ``DiffusionPolicy.from_pretrained(...)``, which picks the subclass that fits the
+    pipeline, or construct a subclass directly.
 
     Args:
-        pipeline: a loaded pipeline with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``.
+        pipeline: a loaded diffusers pipeline that ``accepts`` says this class wraps.
         config: sampling and training options (see PolicyConfig).
+        device: where the policy runs.
     """
+
+    kind: ClassVar[str]
+    """The step family: "ddim" or "flow"."""
+    needs: ClassVar[str] = ""
+    """What a pipeline must have for this class, for error messages."""
+    denoiser_name: ClassVar[str] = "unet"
+    """The pipeline's name for the network: its attribute, its LoRA save argument and its folder."""
+    text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    """The pipeline's frozen text encoders (absent ones are skipped)."""
+    extra_conditioning_keys: ClassVar[tuple[str, ...]] = ()
+    """TensorDict keys of the conditioning that states carry beyond ``prompt_embeds``."""
 
     def __init__(self, pipeline, config: PolicyConfig | None = None, *, device: str | torch.device = "cpu"):
         super().__init__()
-        from diffusers import DDIMScheduler
-
         self.config = config or PolicyConfig()
-        cfg = self.config
-        if cfg.num_steps < 1:
-            raise ConfigError(f"model.num_steps must be ≥ 1, got {cfg.num_steps}")
-        if cfg.eta < 0:
-            raise ConfigError(f"model.eta must be ≥ 0, got {cfg.eta}")
-        if cfg.log_prob_reduction not in ("mean", "sum"):
-            raise ConfigError(f"model.log_prob_reduction must be 'mean' or 'sum', got {cfg.log_prob_reduction!r}")
-        if getattr(pipeline, "unet", None) is None:
-            raise ConfigError(
-                f"{type(pipeline).__name__} has no UNet; DiffusionPolicy needs a Stable-Diffusion-style pipeline "
-                "(unet, vae, text_encoder, tokenizer, scheduler)."
-            )
+        self._check_config(self.config)
+        if not self.accepts(pipeline):
+            raise ConfigError(self._cannot_wrap_message(pipeline))
         self.pipeline = pipeline
-        self.kind = "ddim"
-        self.unet = pipeline.unet
         self.vae = pipeline.vae
-        self.text_encoder = pipeline.text_encoder
-        self.tokenizer = pipeline.tokenizer
-        # The stochastic step is DDIM's whatever scheduler the model shipped with (as DDPO does).
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
-        self.scheduler.set_timesteps(cfg.num_steps)
-        pipeline.scheduler = self.scheduler
+        self.add_module(self.denoiser_name, getattr(pipeline, self.denoiser_name))
+        encoders = [getattr(pipeline, name, None) for name in self.text_encoder_names]
+        self.text_encoders = nn.ModuleList([e for e in encoders if e is not None])
 
-        frozen_dtype = _DTYPES[cfg.dtype]
-        for frozen in (self.vae, self.text_encoder):
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        sample_size = self.unet.config.sample_size
+        self.height = self.config.height or sample_size * self.vae_scale_factor
+        self.width = self.config.width or sample_size * self.vae_scale_factor
+        self.latent_shape = (self.unet.config.in_channels, self.height // self.vae_scale_factor,
+                             self.width // self.vae_scale_factor)
+        self._set_up_schedule(device)
+        pipeline.scheduler = self.scheduler  # so that the pipeline, if called, samples our schedule
+
+        frozen_dtype = _DTYPES[self.config.dtype]
+        for frozen in (self.vae, *self.text_encoders):
             frozen.requires_grad_(False).eval().to(device)
             if frozen.dtype != frozen_dtype:
                 frozen.to(dtype=frozen_dtype)
         self.unet.to(device=device)
-        if cfg.vae_slicing and hasattr(self.vae, "enable_slicing"):
+        if self.config.vae_slicing and hasattr(self.vae, "enable_slicing"):
             self.vae.enable_slicing()
-        self._reference_unet: nn.Module | None = None
-        if cfg.train_mode == "lora":
-            from peft import LoraConfig
-
-            self.unet.requires_grad_(False)
-            if self.unet.dtype != frozen_dtype:
-                self.unet.to(dtype=frozen_dtype)
-            lora = LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
-                init_lora_weights="gaussian",
-                target_modules=list(cfg.lora_targets),
-            )
-            try:
-                self.unet.add_adapter(lora)
-            except ValueError as e:
-                raise ConfigError(f"model.lora_targets={list(cfg.lora_targets)} do not match the UNet: {e}") from None
-            for p in self.unet.parameters():  # LoRA weights train in float32 even when the base is half
-                if p.requires_grad:
-                    p.data = p.data.float()
-        elif cfg.train_mode == "full":
-            self.unet.requires_grad_(True).float()
-            # the reference is the pretrained network: a frozen copy taken before any update
-            self._reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        else:
-            raise ConfigError(f"model.train_mode must be 'lora' or 'full', got {cfg.train_mode!r}")
-        if cfg.gradient_checkpointing:
+        self._reference_unet = self._make_trainable(frozen_dtype)
+        if self.config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
 
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        sample_size = self.unet.config.sample_size
-        self.height = cfg.height or sample_size * self.vae_scale_factor
-        self.width = cfg.width or sample_size * self.vae_scale_factor
-        self.latent_shape = (self.unet.config.in_channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor)
-        self.register_buffer("timesteps", self.scheduler.timesteps.clone().to(device), persistent=False)
-        self.register_buffer("alphas_cumprod", self.scheduler.alphas_cumprod.clone().float().to(device), persistent=False)
-        self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
-        self.step_size = self.scheduler.config.num_train_timesteps // cfg.num_steps
-        self._embed_cache: dict[str, torch.Tensor] = {}
+        self._embed_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._in_reference = False
+        self._training_denoiser: nn.Module | None = None
         # (rank, world): in a multi-process run each process keeps its slice of the global batch's noise
         self.process_slice: tuple[int, int] = (0, 1)
 
+    # ------------------------------------------------------------------ choosing the class
+    @classmethod
+    def accepts(cls, pipeline) -> bool:
+        """Whether this class wraps ``pipeline``. The base class wraps none: it is only shared code."""
+        return False
+
     @classmethod
     def from_pretrained(cls, pretrained: str = "tiny", *, device: str | torch.device = "cpu", **options):
-        """Load a pipeline (see ``load_pipeline``) and wrap it. ``options`` are PolicyConfig fields."""
+        """Load a pipeline (see ``load_pipeline``) and wrap it. ``options`` are PolicyConfig fields.
+
+        The class is the most specific one, among ``cls`` and its subclasses, whose ``accepts(pipeline)``
+        is true: ``DiffusionPolicy.from_pretrained`` returns an ``SDXLPolicy`` for an SDXL pipeline and a
+        ``FlowMatchingPolicy`` for SD3. A subclass that does not declare its own ``accepts`` is picked
+        only through its own ``from_pretrained``.
+        """
         config = PolicyConfig(pretrained=pretrained, **options)
         pipe = load_pipeline(pretrained, dtype=_DTYPES[config.dtype])
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        return cls._class_for(pipe)(pipe, config, device=device)
 
-        if cls is DiffusionPolicy and isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler):
-            from rl4diffusion.policies.flow import FlowMatchingPolicy  # a flow-matching model (SD3)
+    @classmethod
+    def _class_for(cls, pipeline) -> type[DiffusionPolicy]:
+        fits = [c for c in _descendants(cls) if "accepts" in vars(c) and c.accepts(pipeline)]
+        if cls.accepts(pipeline):
+            fits.append(cls)
+        most_specific = [c for c in fits if not any(o is not c and issubclass(o, c) for o in fits)]
+        if len(most_specific) == 1:
+            return most_specific[0]
+        if not most_specific:
+            wanted = "; ".join(f"{c.__name__} needs {c.needs}" for c in (cls, *_descendants(cls)) if c.needs)
+            raise ConfigError(f"{cls.__name__}.from_pretrained found no policy class for a "
+                              f"{type(pipeline).__name__}: {wanted or 'none is registered'}.")
+        names = ", ".join(c.__name__ for c in most_specific)
+        raise ConfigError(f"{names} all accept a {type(pipeline).__name__}; construct the one you want "
+                          "directly, or make the others' accepts() stricter.")
 
-            return FlowMatchingPolicy(pipe, config, device=device)
-        if cls is DiffusionPolicy and getattr(pipe, "text_encoder_2", None) is not None and hasattr(pipe, "unet"):
-            from rl4diffusion.policies.sdxl import SDXLPolicy  # two text encoders + size conditioning
+    def _cannot_wrap_message(self, pipeline) -> str:
+        name = type(self).__name__
+        if not self.needs:  # the shared base class itself
+            subclasses = ", ".join(c.__name__ for c in _descendants(type(self)) if c.needs)
+            return (f"{name} is the shared base class: construct one of {subclasses}, or call "
+                    f"{name}.from_pretrained, which picks the one that fits the pipeline.")
+        return (f"{name} needs {self.needs}; got a {type(pipeline).__name__}. "
+                "DiffusionPolicy.from_pretrained picks the policy class that fits a pipeline.")
 
-            return SDXLPolicy(pipe, config, device=device)
-        return cls(pipe, config, device=device)
+    def _check_config(self, cfg: PolicyConfig) -> None:
+        """Raise ConfigError for options no model can use (PolicyConfig's Literal choices and ``validate()``);
+        subclasses add the checks of their model kind."""
+        from rl4diffusion.schema import check
+
+        check(cfg, "model")
+
+    # ------------------------------------------------------------------ what subclasses provide
+    def _set_up_schedule(self, device: str | torch.device) -> None:
+        """Create ``self.scheduler`` for ``config.num_steps`` and register the ``timesteps`` buffer [N]."""
+        raise NotImplementedError
+
+    def _encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Conditioning of distinct prompts by key: ``prompt_embeds`` [B, L, D] and any extra key [B, ...]."""
+        raise NotImplementedError
+
+    def _denoise(self, network: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
+                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One call of ``network`` on latents [B, C, h, w], timesteps [B] and conditioning by key."""
+        raise NotImplementedError
+
+    def _step(self, model_output: torch.Tensor, latents: torch.Tensor, timesteps: torch.Tensor,
+              eta: float | None, action: dict) -> StepOutput:
+        """The step at per-sample timesteps [B]; ``action``: prev_sample, noise, generator, reduction."""
+        raise NotImplementedError
+
+    def pred_x0(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                model_output: torch.Tensor) -> torch.Tensor:
+        """The one-step clean-sample prediction x̂₀(x_t) from the model output."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ conditioning
     @property
@@ -256,25 +326,102 @@ class DiffusionPolicy(nn.Module):
         return self.timesteps.device
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D] for a list of prompts, computed once per distinct prompt."""
+    def _conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Every conditioning tensor of ``prompts`` by key, [B, ...], computed once per distinct prompt."""
         missing = sorted({p for p in prompts if p not in self._embed_cache})
         if missing:
-            embeds, _ = self.pipeline.encode_prompt(missing, self.device, 1, False)
-            for p, e in zip(missing, embeds):
-                self._embed_cache[p] = e
-        return torch.stack([self._embed_cache[p] for p in prompts])
+            encoded = self._encode_text(missing)
+            for i, prompt in enumerate(missing):
+                self._embed_cache[prompt] = {key: value[i] for key, value in encoded.items()}
+        return {key: torch.stack([self._embed_cache[p][key] for p in prompts])
+                for key in (keys.PROMPT_EMBEDS, *self.extra_conditioning_keys)}
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] for a list of prompts, computed once per distinct prompt."""
+        return self._conditioning(prompts)[keys.PROMPT_EMBEDS]
+
+    def extra_conditioning(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """What the environment stores in each state besides prompt_embeds, by key (empty for SD)."""
+        conditioning = self._conditioning(prompts)
+        return {key: conditioning[key] for key in self.extra_conditioning_keys}
+
+    def _negative_conditioning(self) -> dict[str, torch.Tensor]:
+        """The unconditional half of classifier-free guidance: the empty prompt's conditioning, unbatched."""
+        return {key: value[0] for key, value in self._conditioning([""]).items()}
 
     @property
     def negative_embeds(self) -> torch.Tensor:
         """The unconditional (empty prompt) embedding [L, D] used by classifier-free guidance."""
-        return self.encode_prompts([""])[0]
+        return self._negative_conditioning()[keys.PROMPT_EMBEDS]
 
-    # ------------------------------------------------------------------ the network
-    def _denoiser(self, use_reference: bool) -> nn.Module:
-        if use_reference and self._reference_unet is not None:
+    # ------------------------------------------------------------------ the network and the reference
+    def set_training_denoiser(self, module: nn.Module | None) -> None:
+        """Call the trainable denoiser through ``module`` from now on (None: through ``self.unet`` again).
+
+        ``module`` is what ``accelerator.prepare(policy.unet)`` returns: a DDP/FSDP wrapper whose
+        forward must run for gradients to sync across processes. Every call of the trainable
+        network goes through it, the reference under LoRA included (the adapter is switched off on
+        the wrapped module). ``policy.unet`` stays the raw module, which peft and checkpoints use.
+        """
+        inner = module  # unwrap: DDP, FSDP and DeepSpeed hold it as .module, torch.compile as ._orig_mod
+        while inner is not None and inner is not self.unet:
+            inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if module is not None and inner is None:
+            raise ValueError(f"set_training_denoiser expects a wrapper of policy.unet (what accelerator."
+                             f"prepare(policy.unet) returns); this {type(module).__name__} does not wrap it")
+        # a plain attribute, not a submodule: the wrapper's parameters are self.unet's, already registered
+        object.__setattr__(self, "_training_denoiser", module)
+
+    def _network(self) -> nn.Module:
+        """The module a network call goes through now: the frozen copy inside ``reference()`` under full
+        fine-tuning, otherwise the trainable denoiser, through its training wrapper when one is set."""
+        if self._in_reference and self._reference_unet is not None:
             return self._reference_unet
-        return self.unet
+        return self._training_denoiser if self._training_denoiser is not None else self.unet
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Within this block the policy is the frozen pretrained model: the LoRA adapter disabled (no
+        second copy), or the frozen copy taken at construction under ``train_mode="full"``."""
+        if self._in_reference:  # nested: already the reference
+            yield
+            return
+        lora = self._reference_unet is None
+        self._in_reference = True
+        if lora:
+            self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            if lora:
+                self.unet.enable_adapters()
+            self._in_reference = False
+
+    def _guided_output(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                       conditioning: dict[str, torch.Tensor], *, guidance_scale: float | None = None,
+                       use_reference: bool = False) -> torch.Tensor:
+        """ε̂ = ε_u + w (ε_c − ε_u) for latents [B, C, h, w], timesteps [B] or [], conditioning by key."""
+        if use_reference:
+            with self.reference():
+                return self._guided_output(latents, timesteps, conditioning, guidance_scale=guidance_scale)
+        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        network = self._network()
+        dtype = next(self.unet.parameters()).dtype  # the frozen weights' dtype (the reference copy's too)
+        timesteps = per_sample_timesteps(timesteps, latents)
+        if w == 1.0:  # no guidance: one network call
+            conditioning = {key: value.to(dtype) for key, value in conditioning.items()}
+            return self._denoise(network, latents.to(dtype), timesteps, conditioning).float()
+        negative = self._negative_conditioning()
+        both = {key: torch.cat([negative[key].expand_as(value), value]).to(dtype)  # (2B, ...)
+                for key, value in conditioning.items()}
+        out = self._denoise(
+            network,
+            torch.cat([latents, latents]).to(dtype),  # (2B, C, h, w): unconditional half first, as diffusers
+            torch.cat([timesteps, timesteps]),
+            both,
+        ).float()
+        uncond, cond = out.chunk(2)
+        return uncond + w * (cond - uncond)
 
     def predict_noise(
         self,
@@ -285,46 +432,31 @@ class DiffusionPolicy(nn.Module):
         guidance_scale: float | None = None,
         use_reference: bool = False,
     ) -> torch.Tensor:
-        """Guided model output ε̂ = ε_u + w (ε_c − ε_u) for latents [B, C, h, w] at per-sample timesteps [B]."""
-        if use_reference and self._reference_unet is None:  # LoRA: the reference is the adapter switched off
-            with self.reference():
-                return self.predict_noise(latents, timesteps, prompt_embeds, guidance_scale=guidance_scale)
-        w = self.config.guidance_scale if guidance_scale is None else guidance_scale
-        unet = self._denoiser(use_reference)
-        dtype = next(unet.parameters()).dtype
-        timesteps = timesteps.to(latents.device).expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps
-        if w == 1.0:  # no guidance: one network call
-            return self._denoise(unet, latents.to(dtype), timesteps, prompt_embeds.to(dtype)).float()
-        negative = self.negative_embeds.expand_as(prompt_embeds)
-        out = self._denoise(
-            unet,
-            torch.cat([latents, latents]).to(dtype),  # (2B, C, h, w): unconditional half first, as diffusers does
-            torch.cat([timesteps, timesteps]),
-            torch.cat([negative, prompt_embeds]).to(dtype),
-        ).float()
-        uncond, cond = out.chunk(2)
-        return uncond + w * (cond - uncond)
+        """Guided model output ε̂ = ε_u + w (ε_c − ε_u) for latents [B, C, h, w] at per-sample timesteps [B].
 
-    def _denoise(self, unet: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor):
-        """One network call (subclasses add model-specific conditioning, e.g. SDXL's)."""
-        return unet(latents, timesteps, encoder_hidden_states=embeds).sample
+        ``use_reference=True`` gives the frozen pretrained model's output (see ``reference``), with
+        gradients to the inputs if they require them.
+        """
+        return self._guided_output(latents, timesteps, {keys.PROMPT_EMBEDS: prompt_embeds},
+                                   guidance_scale=guidance_scale, use_reference=use_reference)
 
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Within this block the policy is the frozen pretrained model (the LoRA adapter disabled)."""
-        if self.config.train_mode == "full":
-            raise RuntimeError("with train_mode='full' use predict_noise(..., use_reference=True) for the reference")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
+    def predict_from_td(self, td, *, use_reference: bool = False,
+                        guidance_scale: float | None = None) -> torch.Tensor:
+        """The guided model output for a TensorDict of states (reads the conditioning keys the model uses)."""
+        conditioning = {key: td[key] for key in (keys.PROMPT_EMBEDS, *self.extra_conditioning_keys)}
+        return self._guided_output(td[keys.LATENTS], td[keys.TIMESTEP], conditioning,
+                                   guidance_scale=guidance_scale, use_reference=use_reference)
+
+    @torch.no_grad()
+    def reference_output(self, td, *, guidance_scale: float | None = None) -> torch.Tensor:
+        """The frozen pretrained model's guided output for a TensorDict of states, without grad.
+
+        The KL-regularised and preference methods compare the policy with it (DPOK, Fan et al. 2023;
+        Diffusion-DPO, Wallace et al. 2023).
+        """
+        return self.predict_from_td(td, use_reference=True, guidance_scale=guidance_scale)
 
     # ------------------------------------------------------------------ the step
-    def alphas(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ᾱ_t, ᾱ_t') for per-sample timesteps [B]."""
-        return ddim_alphas(self.alphas_cumprod, self.final_alpha_cumprod, timesteps, self.step_size)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -336,39 +468,21 @@ class DiffusionPolicy(nn.Module):
         noise: torch.Tensor | None = None,
         eta: float | None = None,
     ) -> StepOutput:
-        """One stochastic DDIM step from x_t (latents) and the model output; see ``steps.py``."""
-        alpha_t, alpha_prev = self.alphas(timesteps.expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps)
-        sc = self.scheduler.config
-        return ddim_step_with_log_prob(
-            model_output,
-            latents,
-            alpha_t,
-            alpha_prev,
-            eta=self.config.eta if eta is None else eta,
-            prediction_type=sc.prediction_type,
-            clip_sample_range=sc.clip_sample_range if sc.clip_sample else None,
-            prev_sample=prev_sample,
-            noise=noise,
-            generator=generator,
-            reduction=self.config.log_prob_reduction,
-        )
+        """One stochastic step from x_t (latents) and the model output, with its log-probability.
 
-    def predict_from_td(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> torch.Tensor:
-        """The guided model output for a TensorDict of states (reads the conditioning keys the model needs)."""
-        return self.predict_noise(td[keys.LATENTS], td[keys.TIMESTEP], td[keys.PROMPT_EMBEDS],
-                                  guidance_scale=guidance_scale, use_reference=use_reference)
+        Args:
+            prev_sample: the action whose log-probability to compute (training); otherwise the
+                action is sampled with ``noise`` or ``generator``.
+            eta: the step's noise scale instead of the config's (DDIM's η; a flow model's noise level).
+        """
+        action = dict(prev_sample=prev_sample, noise=noise, generator=generator,
+                      reduction=self.config.log_prob_reduction)
+        return self._step(model_output, latents, per_sample_timesteps(timesteps, latents), eta, action)
 
     def log_prob(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> StepOutput:
         """Recompute the step for a batch of stored transitions (with grad), scoring td["action"]."""
         out = self.predict_from_td(td, use_reference=use_reference, guidance_scale=guidance_scale)
         return self.step(out, td[keys.LATENTS], td[keys.TIMESTEP], prev_sample=td[keys.ACTION])
-
-    def pred_x0(self, latents: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """x̂₀(x_t) = (x_t − sqrt(1 − ᾱ_t) ε̂) / sqrt(ᾱ_t) (or its v/x₀-prediction equivalent)."""
-        from rl4diffusion.policies.steps import model_output_to_x0_eps
-
-        alpha_t, _ = self.alphas(timesteps.expand(latents.shape[0]) if timesteps.dim() == 0 else timesteps)
-        return model_output_to_x0_eps(model_output, latents, alpha_t, self.scheduler.config.prediction_type)[0]
 
     def draw_noise(self, shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
         """N(0, I) noise of ``shape`` [B, ...] for rollouts.
@@ -383,23 +497,25 @@ class DiffusionPolicy(nn.Module):
     @torch.no_grad()
     def act(self, td, generator: torch.Generator | None = None):
         """The rollout policy: read x_t, t and c from ``td``; write the action x_{t-1} and its log-prob."""
-        latents = td[keys.LATENTS]
-        step = self.step(self.predict_from_td(td), latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
+        latents, out = td[keys.LATENTS], self.predict_from_td(td)
+        step = self.step(out, latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
         td.set(keys.ACTION, step.prev_sample)
         td.set(keys.SAMPLE_LOG_PROB, step.log_prob)
         return td
 
     # ------------------------------------------------------------------ images
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents [B, C, h, w] → images [B, 3, H, W] in [0, 1] (differentiable)."""
-        scale = self.vae.config.scaling_factor
-        images = self.vae.decode((latents / scale).to(self.vae.dtype)).sample.float()
+        """Latents [B, C, h, w] → images [B, 3, H, W] in [0, 1] (differentiable); SD3's VAE has a shift."""
+        cfg = self.vae.config
+        shift = cfg.get("shift_factor") or 0.0
+        images = self.vae.decode((latents / cfg.scaling_factor + shift).to(self.vae.dtype)).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B, 3, H, W] in [0, 1] → clean latents x₀ (the posterior mean, scaled)."""
+        """Images [B, 3, H, W] in [0, 1] → clean latents x₀ (the posterior mean, shifted and scaled)."""
+        cfg = self.vae.config
         dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return dist.mean.float() * self.vae.config.scaling_factor
+        return (dist.mean.float() - (cfg.get("shift_factor") or 0.0)) * cfg.scaling_factor
 
     def initial_latents(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_T ~ N(0, I) [B, C, h, w], drawn exactly as diffusers' pipelines draw it on this device."""
@@ -417,15 +533,48 @@ class DiffusionPolicy(nn.Module):
         guidance_scale: float | None = None,
         use_reference: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Run the whole chain without grad; returns {"latents": x₀ [B,C,h,w], "images": [B,3,H,W]}."""
-        embeds = self.encode_prompts(prompts)
+        """Run the whole chain without grad; returns {"latents": x₀ [B,C,h,w], "images": [B,3,H,W]}.
+
+        ``eta`` overrides the step's noise scale (0 gives the deterministic DDIM / ODE sampler);
+        ``use_reference=True`` samples the frozen pretrained model.
+        """
+        conditioning = self._conditioning(prompts)
         x = self.initial_latents(len(prompts), generator) if latents is None else latents.to(self.device)
         for t in self.timesteps:
-            out = self.predict_noise(x, t, embeds, guidance_scale=guidance_scale, use_reference=use_reference)
+            out = self._guided_output(x, t, conditioning, guidance_scale=guidance_scale,
+                                      use_reference=use_reference)
             x = self.step(out, x, t, generator=generator, eta=eta).prev_sample
         return {"latents": x, "images": self.decode(x)}
 
     # ------------------------------------------------------------------ parameters and checkpoints
+    def _make_trainable(self, frozen_dtype: torch.dtype) -> nn.Module | None:
+        """Add the LoRA adapter (returns None: the reference is the adapter disabled) or unfreeze the
+        whole network (returns a frozen copy taken before any update: the reference)."""
+        cfg = self.config
+        if cfg.train_mode == "full":
+            self.unet.requires_grad_(True).float()
+            return copy.deepcopy(self.unet).requires_grad_(False).eval()
+        from peft import LoraConfig
+
+        self.unet.requires_grad_(False)
+        if self.unet.dtype != frozen_dtype:
+            self.unet.to(dtype=frozen_dtype)
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(cfg.lora_targets),
+        )
+        try:
+            self.unet.add_adapter(lora)
+        except ValueError as e:
+            raise ConfigError(f"model.lora_targets={list(cfg.lora_targets)} do not match the "
+                              f"{type(self.unet).__name__}: {e}") from None
+        for p in self.unet.parameters():  # LoRA weights train in float32 even when the base is half
+            if p.requires_grad:
+                p.data = p.data.float()
+        return None
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
@@ -437,8 +586,21 @@ class DiffusionPolicy(nn.Module):
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
 
     def save_pretrained_lora(self, directory: str | Path) -> None:
-        """Save LoRA weights in diffusers format: ``pipe.load_lora_weights(directory)`` loads them."""
+        """Save LoRA weights in diffusers format: ``pipe.load_lora_weights(directory)`` loads them.
+
+        Under ``train_mode="full"`` the whole network goes to ``directory/unet`` (``transformer`` for SD3).
+        """
         if self.config.train_mode != "lora":
-            self.unet.save_pretrained(Path(directory) / "unet")
+            self.unet.save_pretrained(Path(directory) / self.denoiser_name)
             return
-        type(self.pipeline).save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(), safe_serialization=True)
+        layers = {f"{self.denoiser_name}_lora_layers": self.lora_state_dict()}  # e.g. unet_lora_layers
+        type(self.pipeline).save_lora_weights(str(directory), **layers, safe_serialization=True)
+
+
+def _descendants(cls: type) -> list[type]:
+    """Every subclass of ``cls``, recursively, each once."""
+    found: dict[type, None] = {}
+    for sub in cls.__subclasses__():
+        found[sub] = None
+        found.update(dict.fromkeys(_descendants(sub)))
+    return list(found)
