@@ -9,7 +9,7 @@ LATENTS = "latents"  # [C, H, W]  x_t
 TIMESTEP = "timestep"  # []  scheduler timestep t (float: flow models use sigma * 1000)
 STEP_INDEX = "step_index"  # []  index i of t in the sampling schedule (0 = noisiest)
 PROMPT_ID = "prompt_id"  # []  index into the environment's prompt list
-PROMPT_EMBEDS = "prompt_embeds"  # [L, D]  text conditioning
+PROMPT_EMBEDS = "prompt_embeds"  # [L, D]  text conditioning (in env states; trajectories keep PROMPT_ID)
 ACTION = "action"  # [C, H, W]  x_{t-1} sampled
 SAMPLE_LOG_PROB = "sample_log_prob"  # []  log pi_behaviour(x_{t-1} | x_t, c)
 REWARD = "reward"  # [1]  r at the last step, 0 elsewhere (under "next")
@@ -27,5 +27,6 @@ LATENTS_W = "latents_w"  # [C, H, W]  clean latents x_0 of the preferred image
 LATENTS_L = "latents_l"  # [C, H, W]  clean latents x_0 of the other image
 LABEL = "label"  # []  1.0 when latents_w was preferred (always after loading)
 
-TRAJECTORY_KEYS = (LATENTS, TIMESTEP, STEP_INDEX, PROMPT_ID, PROMPT_EMBEDS, ACTION, SAMPLE_LOG_PROB)
+# a stored trajectory [B, T]: the conditioning is not copied per step, it is looked up by PROMPT_ID
+TRAJECTORY_KEYS = (LATENTS, TIMESTEP, STEP_INDEX, PROMPT_ID, ACTION, SAMPLE_LOG_PROB)
 PAIR_KEYS = (PROMPT_EMBEDS, LATENTS_W, LATENTS_L)

@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 from rl4diffusion import keys
 from rl4diffusion.algorithms.dpok import DPOK, DPOKConfig, dpok_loss, gaussian_mean_kl
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.optimisation import Updater
 from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
@@ -89,18 +90,19 @@ def test_buffer_value_baseline_gradients_and_exact_state(make_policy):
     cfg = DPOKConfig(batch_size=4, buffer_size=20, minibatch_size=6, gradient_accumulation_steps=2, policy_steps=2,
                      value_steps=40, value_batch_size=12, value_lr=3e-3, lr=1e-3)
     algo = DPOK(cfg, policy, reward, seed=0)
+    update = Updater(algo)
     env = DenoisingEnv(policy, reward, ["a red circle", "a blue square"], batch_size=4)
     batch = algo.collect(env)
     torch.testing.assert_close(batch[keys.FINAL_REWARD], batch[keys.NEXT, keys.REWARD][:, -1].expand(4, 3))
     before = [p.detach().clone() for p in policy.trainable_parameters()]
-    first = algo.update(batch)
+    first = update(batch)
     assert len(algo.buffer) == 12 and first["train/buffer_transitions"] == 12.0
     assert all(isinstance(v, float) for v in first.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters()))
-    algo.update(algo.collect(env))
+    update(algo.collect(env))
     assert len(algo.buffer) == 20  # capacity: the oldest transitions were overwritten
     # the value network fits the final rewards it is trained on (MSE well below the rewards' variance)
-    data = algo.buffer[:]
+    data = algo.with_conditioning(algo.buffer[:])
     with torch.no_grad():
         pred = algo.value(data[keys.LATENTS], data[keys.PROMPT_EMBEDS], data[keys.STEP_INDEX])
     r = data[keys.FINAL_REWARD]

@@ -7,6 +7,7 @@ from torchrl.envs.utils import check_env_specs
 
 from rl4diffusion import keys
 from rl4diffusion.data import collect_trajectories, final_latents, terminal_rewards
+from rl4diffusion.data.rollout import conditioning_table
 from rl4diffusion.envs import ENV_ID, DenoisingEnv
 from rl4diffusion.rewards import build_reward
 
@@ -57,9 +58,12 @@ def test_sampled_log_probs_are_recomputed_exactly(make_policy):
     policy = make_policy(num_steps=4)
     env = _env(policy)
     td = collect_trajectories(env, policy, generator=torch.Generator().manual_seed(0))
+    assert keys.PROMPT_EMBEDS not in td.keys()  # stored once per prompt in the policy's cache, not per step
+    embeds = conditioning_table(policy, PROMPTS)[keys.PROMPT_EMBEDS]
     with torch.no_grad():
         for j in range(4):
-            torch.testing.assert_close(policy.log_prob(td[:, j]).log_prob, td[keys.SAMPLE_LOG_PROB][:, j])
+            step = td[:, j].set(keys.PROMPT_EMBEDS, embeds[td[keys.PROMPT_ID][:, j]])
+            torch.testing.assert_close(policy.log_prob(step).log_prob, td[keys.SAMPLE_LOG_PROB][:, j])
 
 
 def test_gymnasium_registration_passes_check_env(make_policy):

@@ -14,6 +14,7 @@ from rl4diffusion import keys
 from rl4diffusion.algorithms.grpo import GRPOConfig, group_advantages, groups_with_signal, grpo_loss
 from rl4diffusion.data.sampler import GroupedPromptSampler
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.optimisation import Updater
 from rl4diffusion.training.trainer import run
 from tests.conftest import compose_config
 
@@ -150,7 +151,7 @@ def test_constant_reward_groups_are_dropped_and_counted(make_policy):
     batch = algo.collect(env)
     flat = torch.tensor([p == "a blue square" for p in env.core.prompts_of(batch[keys.PROMPT_ID][:, 0])])
     assert flat.sum() == 4 and torch.all(batch[keys.ADVANTAGE][flat] == 0)
-    metrics = algo.update(batch)
+    metrics = Updater(algo)(batch)
     assert metrics["diag/dropped_groups"] == 1.0 and metrics["train/trained_chains"] == 4.0
     assert all(isinstance(v, float) for v in metrics.values())
 
@@ -173,7 +174,8 @@ def test_kl_penalty_keeps_the_policy_closer_to_the_base_model(algo, make_policy)
         algorithm = build_algorithm(algo, options, policy, reward, seed=0)
         env = DenoisingEnv(policy, reward, ["a red circle", "a blue square"], batch_size=8 if algo == "grpo" else 4)
         env.set_seed(0)
-        return [algorithm.update(algorithm.collect(env))["diag/kl"] for _ in range(4)]
+        update = Updater(algorithm)
+        return [update(algorithm.collect(env))["diag/kl"] for _ in range(4)]
 
     free, penalised = run_kl(0.0), run_kl(10.0)
     if algo == "grpo":  # one optimiser step per epoch, and the KL is logged before it: identical first epoch

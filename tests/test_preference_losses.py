@@ -31,6 +31,7 @@ from rl4diffusion.algorithms.sdpo import (
 )
 from rl4diffusion.errors import ConfigError
 from rl4diffusion.rewards import build_reward
+from rl4diffusion.training.optimisation import Updater
 
 # four pairs of per-sample errors: (model winner, model loser, reference winner, reference loser)
 MW = torch.tensor([0.50, 0.30, 0.80, 0.41])
@@ -222,7 +223,7 @@ def test_update_trains_only_the_adapter_and_the_reference_stays_the_base_model(m
             assert terms["kept_fraction"].item() > 0 and 0.8 * math.log(2) - 1e-6 <= loss <= 1.2 * math.log(2) + 1e-6
         else:  # Diffusion-DPO, and SDPO (u = 0 whatever the weights)
             assert loss == pytest.approx(math.log(2), abs=1e-6)
-    metrics = algo.update(pairs)
+    metrics = Updater(algo)(pairs)
     assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
     assert metrics["diag/grad_norm"] > 0
     assert all(torch.equal(p, frozen[n]) for n, p in policy.unet.named_parameters() if n in frozen)

@@ -25,14 +25,15 @@ grows with the window length by only one latent per step (``benchmarks/backprop_
 The gradients are identical with and without it.
 
 Data flow: ``collect`` draws the starting states (prompts and x_T) from the environment's reset —
-a [B] TensorDict — and ``update`` reads them back through the shared torchrl replay buffer in
-minibatches, runs the algorithm's chain with grad, decodes, scores and backpropagates. The
-whole batch is one optimiser step (gradients of its minibatches are accumulated), so
-``minibatch_size`` only trades memory for time.
+a [B] TensorDict — and ``optimisation_steps`` splits them into minibatches; for each, ``loss``
+runs the algorithm's chain with grad, decodes and scores. The whole batch is one optimiser step
+(the trainer accumulates the minibatches' gradients), so ``minibatch_size`` only trades memory
+for time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -41,8 +42,7 @@ from tensordict import TensorDictBase
 from torch.utils.checkpoint import checkpoint
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, make_optimizer
-from rl4diffusion.data import make_replay_buffer
+from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer
 from rl4diffusion.errors import ConfigError
 
 
@@ -153,8 +153,8 @@ def sample_with_grad_window(
 
 
 class RewardBackprop(Algorithm):
-    """The shared loop of the family: starting states through the buffer → ``loss`` per minibatch →
-    one accumulated optimiser step per batch. Subclasses implement ``loss(minibatch)``."""
+    """The shared data flow of the family: starting states → ``loss`` per minibatch → one accumulated
+    optimiser step per batch. Subclasses implement ``loss(minibatch)``."""
 
     requires_differentiable_reward = True
 
@@ -163,11 +163,9 @@ class RewardBackprop(Algorithm):
         self.config = config
         self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
-        self.buffer_generator = torch.Generator().manual_seed(seed + 1)  # the buffer's minibatch order
-        self.buffer = make_replay_buffer(config.batch_size, config.minibatch_size, device=policy.device,
-                                         generator=self.buffer_generator)
         self.prompts: list[str] = []
         self.num_steps = len(policy.timesteps)
+        self._rewards: list[torch.Tensor] = []
 
     # ---------------------------------------------------------------- pieces for subclasses
     def score(self, latents: torch.Tensor, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -190,33 +188,27 @@ class RewardBackprop(Algorithm):
         self.prompts = env.prompts
         return env.reset().select(keys.PROMPT_ID, keys.PROMPT_EMBEDS, keys.LATENTS)
 
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
-        cfg = self.config
-        num_minibatches = batch.shape[0] // cfg.minibatch_size
-        self.buffer.empty()
-        self.buffer.extend(batch)
-        totals: dict[str, torch.Tensor] = {}
-        rewards = []
-        for _ in range(num_minibatches):
-            terms = self.loss(self.buffer.sample())
-            loss = sum(v for k, v in terms.items() if k.startswith("loss_"))
-            (loss / num_minibatches).backward()
-            rewards.append(terms.pop("rewards").detach())
-            for k, v in terms.items():
-                totals[k] = totals.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / num_minibatches
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        r = self.gather(torch.cat(rewards))
-        values = torch.stack([*totals.values(), grad_norm.float(), r.mean(), r.std(unbiased=False)]).tolist()  # one sync
-        names = [f"loss/{k[5:]}" if k.startswith("loss_") else f"diag/{k}" for k in totals]
-        return dict(zip([*names, "diag/grad_norm", "train/reward_mean", "train/reward_std"], values))
+    def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
+        """The whole batch is one optimiser step; its minibatches, in order, are the micro-batches.
+
+        (No shuffling: the step sees every chain whatever the order, and in order each chain keeps
+        the sampling noise of its position in the global batch, so N processes sample what one would.)
+        """
+        self._rewards = []
+        size = max(1, self.config.minibatch_size // self.world)  # sizes are global: each process holds its share
+        yield OptimisationStep([batch[start : start + size] for start in range(0, batch.shape[0], size)])
+
+    def loss_terms(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
+        terms = self.loss(minibatch)
+        self._rewards.append(terms.pop("rewards").detach())
+        return terms
+
+    def end_update(self) -> dict[str, torch.Tensor]:
+        r = self.gather(torch.cat(self._rewards))
+        return {"train/reward_mean": r.mean(), "train/reward_std": r.std(unbiased=False)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "buffer_generator": self.buffer_generator.get_state()}
+        return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.buffer_generator.set_state(state["buffer_generator"])

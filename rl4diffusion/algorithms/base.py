@@ -1,31 +1,108 @@
-"""The shared algorithm interface: collect → update, plus state for exact resume."""
+"""The algorithm interface: collect → optimisation steps → loss terms, plus state for exact resume.
+
+An algorithm owns its data and its loss; the trainer (``rl4diffusion.training``) owns the
+optimisation step. Per epoch the trainer calls
+
+    batch = algorithm.collect(env)                       # rollouts, starting states or preference pairs
+    for step in algorithm.optimisation_steps(batch):     # what one optimiser step trains on
+        for micro, weight in zip(step.micro_batches, step.weights):
+            terms = step.loss_fn(micro)                  # "loss_*" tensors + detached diagnostics
+            backward(weight · Σ terms["loss_*"])         # gradients add up over the micro-batches
+        clip, skip if non-finite, step the optimisers named in step.optimizers
+    metrics = algorithm.end_update()                     # anything the algorithm logs once per epoch
+
+so no algorithm calls ``backward()`` or ``step()``. Diagnostics are averaged over the micro-batches
+of the epoch and logged under ``loss/…`` (the ``loss_*`` terms), the key itself when it contains a
+``/``, and ``diag/…`` otherwise.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from tensordict import TensorDictBase
+from torch import nn
 
+from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError
 
 
-class Algorithm:
-    """One fine-tuning method over the shared primitives (policy, env, buffer, reward).
+@dataclass
+class TrainedModule:
+    """An optimiser, its gradient-norm clip, and the module it trains when that is the algorithm's own.
 
-    Subclasses set ``name`` and, for gradient-based rewards, ``requires_differentiable_reward``;
-    they implement ``collect`` (rollouts or a batch of pairs) and ``update`` (one optimisation
-    phase, returning float metrics namespaced ``loss/…``, ``diag/…``, ``train/…``).
+    ``module`` is None for the policy's trainable weights: the trainer prepares ``policy.unet`` itself.
+    An algorithm's own network (a value baseline, a residual flow) is prepared too, and the prepared
+    module (e.g. a DDP wrapper, whose forward reduces gradients across processes) replaces the
+    algorithm's attribute ``attribute``; its weights are checkpointed by accelerate, not by the
+    algorithm's ``state_dict``.
+    """
+
+    optimizer: torch.optim.Optimizer
+    max_grad_norm: float | None = None
+    module: nn.Module | None = None
+    attribute: str | None = None
+
+
+@dataclass
+class OptimisationStep:
+    """The work of one optimiser step.
+
+    Args:
+        micro_batches: the inputs of ``loss_fn``; their gradients add up before the step.
+        weights: the factor of each micro-batch's loss (default 1/len(micro_batches)). A weight of 0
+            marks padding: a process of a multi-process run that has less data than the others still
+            runs a forward and backward, so that every process joins the same gradient reduction.
+        optimizers: names (keys of ``Algorithm.trained_modules()``) of the optimisers that step.
+        loss_fn: default ``algorithm.loss_terms``.
+    """
+
+    micro_batches: Sequence[Any]
+    weights: Sequence[float] | None = None
+    optimizers: tuple[str, ...] = ("policy",)
+    loss_fn: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra per-step diagnostics (tensors, no host sync) the trainer averages with the loss terms."""
+
+
+class Algorithm:
+    """One fine-tuning method over the shared primitives (policy, env, replay buffer, reward).
+
+    Subclasses set ``name`` (the registry does, through ``@register_algorithm``) and, for gradient-based
+    rewards, ``requires_differentiable_reward``. They implement ``collect``, ``optimisation_steps`` and
+    ``loss_terms``; ``trained_modules`` defaults to the policy's trainable weights with ``self.optimizer``.
     """
 
     name: ClassVar[str] = ""
     requires_differentiable_reward: ClassVar[bool] = False
-    distributed = None  # set by the trainer to a rl4diffusion.training.distributed.Distributed in multi-process runs
+    distributed = None  # set by the trainer in multi-process runs: rank, world, gather (see training/trainer.py)
 
     def __init__(self, policy, reward):
         check_reward_compatible(type(self), reward)
         self.policy = policy
         self.reward = reward
+        self._conditioning: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- conditioning of stored trajectories
+    def remember_prompts(self, prompts) -> None:
+        """Keep the conditioning table of the environment's prompts (trajectories store only ``prompt_id``)."""
+        from rl4diffusion.data.rollout import conditioning_table
+
+        self._conditioning = conditioning_table(self.policy, prompts)
+
+    def with_conditioning(self, td: TensorDictBase) -> TensorDictBase:
+        """``td`` with its prompts' conditioning looked up by ``prompt_id`` (for a minibatch, not every step)."""
+        for key, table in self._conditioning.items():
+            td.set(key, table[td[keys.PROMPT_ID]])
+        return td
+
+    # ---------------------------------------------------------------- multi-process helpers
+    @property
+    def world(self) -> int:
+        return self.distributed.world if self.distributed is not None else 1
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """This process's tensor [B, ...] → the global batch's [world·B, ...] (identity in one process)."""
@@ -37,15 +114,23 @@ class Algorithm:
             return tensor
         return tensor[self.distributed.local_slice(tensor.shape[0] // self.distributed.world)]
 
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The algorithm's optimisers (found among its attributes)."""
-        return [v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)]
+    # ---------------------------------------------------------------- the interface
+    def trained_modules(self) -> dict[str, TrainedModule]:
+        """The optimisers by name; "policy" steps the policy's trainable weights."""
+        return {"policy": TrainedModule(self.optimizer, getattr(self.config, "max_grad_norm", None))}
 
     def collect(self, env) -> TensorDictBase:
         raise NotImplementedError
 
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
+    def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
         raise NotImplementedError
+
+    def loss_terms(self, micro_batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def end_update(self) -> dict[str, float | torch.Tensor]:
+        """Metrics logged once per epoch after the last step (e.g. counters); keys are logged as given."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -66,7 +151,7 @@ def check_reward_compatible(algo_cls: type[Algorithm], reward) -> None:
 
 
 def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
-    """AdamW over the given parameters (the optimiser every method in ALGORITHMS.md uses)."""
+    """AdamW over the given parameters (the optimiser every implemented method uses)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("no trainable parameters: check model.train_mode and model.lora_targets")
@@ -74,16 +159,33 @@ def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 
 
 
 def build_config(config_cls, options: dict, algo_name: str):
-    """Instantiate an algorithm's config dataclass, naming unknown keys and valid ones on error."""
-    import dataclasses
+    """Instantiate an algorithm's config dataclass from ``options`` and check it: unknown keys (listing the valid
+    ones), types and ``Literal`` choices by the dataclass's annotations, then its ``validate()``."""
+    from rl4diffusion.schema import instantiate
 
-    valid = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) for algo={algo_name}: {', '.join(unknown)}. Valid options: {', '.join(sorted(valid))}."
-        )
-    cfg = config_cls(**options)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return instantiate(config_cls, options, prefix="algo", owner=f"algo={algo_name}")
+
+
+def register_algorithm(name: str, *, config: type) -> Callable[[type[Algorithm]], type[Algorithm]]:
+    """Class decorator: make an Algorithm selectable as ``algo=<name>``, with ``config`` the schema of its options.
+
+    Sets ``cls.name``, adds ``name`` to ``rl4diffusion.algorithms.ALGORITHMS`` and stores ``config`` in Hydra's
+    ConfigStore as ``algo/<name>_schema`` (the node a ``conf/algo/<name>.yaml`` extends). A user's package calls
+    it too: see the README's "Add your own algorithm".
+
+    Example::
+
+        @register_algorithm("rank_ddpo", config=RankDDPOConfig)
+        class RankDDPO(DDPO): ...
+    """
+
+    def decorate(cls: type[Algorithm]) -> type[Algorithm]:
+        from rl4diffusion.algorithms import _add_algorithm
+
+        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+            raise TypeError(f"@register_algorithm({name!r}) decorates a subclass of Algorithm, not {cls!r}")
+        _add_algorithm(name, cls, config)
+        cls.name = name
+        return cls
+
+    return decorate

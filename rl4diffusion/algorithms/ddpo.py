@@ -9,7 +9,8 @@ Implementation details (numbered as a checklist):
    fewer than ``stat_min_count`` rewards, the whole batch's mean/std is used. A is clipped
    to ±``adv_clip_max`` and shared by every timestep of the chain.
 2. Each chain trains a random ⌊T·timestep_fraction⌋ of its steps; gradients accumulate over
-   those steps and the optimiser steps once per minibatch (upstream's accumulation).
+   those steps and the optimiser steps once per minibatch (upstream's accumulation): one
+   ``OptimisationStep`` per minibatch, one micro-batch per trained timestep.
 3. Log-probabilities are per-element means (``model.log_prob_reduction``), which is why the
    clip range is tiny (1e-4).
 4. CFG is used at training time too: the log-prob is of the guided step that was sampled.
@@ -18,20 +19,22 @@ Implementation details (numbered as a checklist):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, make_optimizer
-from rl4diffusion.data import PerPromptStatTracker, collect_trajectories, make_replay_buffer, terminal_rewards
+from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer, register_algorithm
+from rl4diffusion.algorithms.losses import clipped_surrogate
+from rl4diffusion.data import PerPromptStatTracker, collect_trajectories, minibatches, terminal_rewards
 
 
 @dataclass
 class DDPOConfig:
-    lr: float = 3e-4
-    """AdamW learning rate (paper: 3e-4 for SD1.5 LoRA)."""
+    lr: float = 3e-3
+    """AdamW learning rate (paper: 3e-4 for SD1.5 LoRA; the tiny model's LoRA needs a larger step to move in CPU-minutes)."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     batch_size: int = 32
@@ -71,28 +74,16 @@ class DDPOConfig:
 def ddpo_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
 ) -> dict[str, torch.Tensor]:
-    """PPO's clipped surrogate on one denoising step — DDPO eq. (4) with PPO's clip (Schulman 2017, eq. 7).
+    """DDPO_IS's loss on one denoising step — DDPO eq. (4) with PPO's clip: ``clipped_surrogate``.
 
-        ρ = exp(log π_θ(a|s) − log π_old(a|s))
-        loss_policy = mean( max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) )
+        ρ = exp(log π_θ(a|s) − log π_old(a|s));  loss_policy = mean( max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)) )
 
-    Args:
-        log_prob: log π_θ of the sampled actions [B] (with grad).
-        old_log_prob: log π_old recorded at sampling time [B].
-        advantages: [B].
-    Returns:
-        ``loss_policy`` plus detached diagnostics ``approx_kl`` (½·mean Δlogp²) and ``clip_fraction``.
+    Returns ``loss_policy`` plus detached ``approx_kl`` (½·mean Δlogp²) and ``clip_fraction``.
     """
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return {
-        "loss_policy": torch.maximum(unclipped, clipped).mean(),
-        "approx_kl": 0.5 * ((log_prob - old_log_prob) ** 2).mean().detach(),
-        "clip_fraction": ((ratio - 1.0).abs() > clip_range).float().mean().detach(),
-    }
+    return clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
 
 
+@register_algorithm("ddpo", config=DDPOConfig)
 class DDPO(Algorithm):
     name = "ddpo"
 
@@ -102,9 +93,9 @@ class DDPO(Algorithm):
         self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
-        self.buffer = make_replay_buffer(config.batch_size, config.minibatch_size, device=policy.device)
 
     def collect(self, env) -> TensorDictBase:
+        self.remember_prompts(env.prompts)
         batch = collect_trajectories(env, self.policy, generator=self.generator)
         # statistics over the global batch (all processes), then this process's share
         rewards = self.gather(terminal_rewards(batch))
@@ -117,50 +108,27 @@ class DDPO(Algorithm):
         batch[keys.ADVANTAGE] = advantages[:, None].expand(batch.shape)  # (B, T): same A for every step
         return batch
 
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
+    def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
+        """One step per minibatch of chains; its micro-batches are the chains' randomly picked timesteps."""
         cfg = self.config
         num_chains, num_steps = batch.shape
         steps_trained = max(1, int(num_steps * cfg.timestep_fraction))
-        # batch_size and minibatch_size are global: each of `world` processes holds its share
-        minibatch = cfg.minibatch_size // (self.distributed.world if self.distributed is not None else 1)
-        totals: dict[str, float] = {}
-        count = 0
+        minibatch = cfg.minibatch_size // self.world  # sizes are global: each process holds its share
         for _ in range(cfg.num_inner_epochs):
-            self.buffer.empty()
-            self.buffer.extend(batch)  # items are whole chains [T]
-            for _ in range(num_chains // minibatch):
-                chains = self.buffer.sample(minibatch)  # (M, T)
-                # each chain trains its own random subset of steps
+            # the order of chains comes from the global RNG (restored on resume), as in upstream
+            for index in minibatches(num_chains, minibatch, device=batch.device):
+                chains = batch[index]  # (M, T)
                 order = torch.rand(chains.shape, generator=self.generator, device=chains.device).argsort(dim=1)
                 picked = chains[torch.arange(chains.shape[0])[:, None], order[:, :steps_trained]]  # (M, k)
-                for j in range(steps_trained):
-                    step = picked[:, j]  # (M,)
-                    out = self.policy.log_prob(step)
-                    terms = ddpo_loss(out.log_prob, step[keys.SAMPLE_LOG_PROB], step[keys.ADVANTAGE], cfg.clip_range)
-                    (terms["loss_policy"] / steps_trained).backward()
-                    for k, v in terms.items():
-                        totals[k] = totals.get(k, 0.0) + float(v.detach())
-                    count += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) * steps_trained
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        means = {k: v / max(count, 1) for k, v in totals.items()}
-        return {
-            "loss/policy": means["loss_policy"],
-            "diag/approx_kl": means["approx_kl"],
-            "diag/clip_fraction": means["clip_fraction"],
-            "diag/grad_norm": means["grad_norm"],
-        }
+                yield OptimisationStep([picked[:, j] for j in range(steps_trained)])  # k micro-batches of (M,)
+
+    def loss_terms(self, step: TensorDictBase) -> dict[str, torch.Tensor]:
+        out = self.policy.log_prob(self.with_conditioning(step))
+        return ddpo_loss(out.log_prob, step[keys.SAMPLE_LOG_PROB], step[keys.ADVANTAGE], self.config.clip_range)
 
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "stat_tracker": self.stat_tracker.state_dict(),
-            "generator": self.generator.get_state(),
-        }
+        return {"stat_tracker": self.stat_tracker.state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.stat_tracker.load_state_dict(state["stat_tracker"])
         self.generator.set_state(state["generator"])

@@ -31,6 +31,7 @@ Implementation details:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -39,8 +40,8 @@ import torch.nn.functional as F
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, make_optimizer
-from rl4diffusion.data import make_replay_buffer
+from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer, register_algorithm
+from rl4diffusion.data import make_replay_buffer, minibatches
 from rl4diffusion.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -48,25 +49,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreferenceConfig:
-    """Options shared by every preference method (dataclass defaults: the papers' SD1.5 values)."""
+    """Options shared by every preference method (SFT, Diffusion-DPO, DMPO, DPO-C&M, SDPO: the same step, so a
+    comparison is about the method)."""
 
-    lr: float = 2.048e-5
-    """AdamW learning rate (Diffusion-DPO: 1e-8 per sample × 2048 effective batch)."""
+    lr: float = 3e-4
+    """AdamW learning rate (Diffusion-DPO: 2.048e-5 = 1e-8 per sample × 2048 effective batch, full UNet). Tiny model,
+    200 epochs, paired win rate vs base (24 samples × 20 prompts, seed 0): Diffusion-DPO lr 3e-3 53.1 %, 1e-3 55.4 %,
+    3e-4 56.7 %; DMPO 3e-4 62 % over 3 seeds, 1e-3 60 % in the shapes suite."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
-    batch_size: int = 64
-    """Pairs drawn from the replay buffer per epoch (one ``collect``)."""
+    batch_size: int = 32
+    """Pairs drawn from the replay buffer per epoch (one ``collect``; paper: effective batch 2048)."""
     minibatch_size: int = 16
     """Pairs per optimiser step; must divide batch_size."""
     num_inner_epochs: int = 1
     """Passes over each epoch's pairs."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip."""
-    caption_dropout: float = 0.2
-    """Probability of training a pair with the empty caption (paper: 20 %)."""
+    caption_dropout: float = 0.0
+    """Probability of training a pair with the empty caption (paper: 0.2)."""
     dataset: str | None = None
     """Pick-a-Pic-style parquet file or directory; None = generate AI-feedback pairs at start-up."""
-    num_pairs: int = 512
+    num_pairs: int = 256
     """Pairs generated from the base model and the reward when ``dataset`` is None."""
     min_margin: float = 0.0
     """Generated pairs whose rewards differ by at most this (reward units) count as ties and are skipped."""
@@ -148,15 +152,6 @@ class PairForward(NamedTuple):
     timesteps: torch.Tensor  # [2M]
 
 
-def reference_prediction(policy, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """The frozen reference's conditional prediction (LoRA disabled, or the frozen copy under full training)."""
-    with torch.no_grad():
-        if policy.config.train_mode == "full":
-            return policy.predict_noise(latents, timesteps, embeds, guidance_scale=1.0, use_reference=True)
-        with policy.reference():
-            return policy.predict_noise(latents, timesteps, embeds, guidance_scale=1.0)
-
-
 def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """What the network regresses: ε, v = √ᾱ ε − √(1−ᾱ) x₀ (Salimans & Ho 2022), or x₀."""
     a = alpha_t.view(-1, 1, 1, 1)
@@ -169,6 +164,7 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor
     raise ConfigError(f"unsupported scheduler prediction_type {prediction_type!r}: epsilon, v_prediction or sample")
 
 
+@register_algorithm("diffusion_dpo", config=DiffusionDPOConfig)
 class DiffusionDPO(Algorithm):
     """Diffusion-DPO over pairs sampled from the shared replay buffer; subclasses change ``loss_terms``."""
 
@@ -213,25 +209,33 @@ class DiffusionDPO(Algorithm):
             path = ensure_generated_pairs(self.policy, self.reward, env.prompts, cfg.num_pairs, seed=self.seed,
                                           cache_dir=cfg.cache_dir, batch_size=cfg.generation_batch_size,
                                           min_margin=cfg.min_margin)
-            # the pairs cost their reward queries once per run, whether generated now or read from the cache
-            spent = 0 if self._feedback_counted else int(generation_stats(path).get("reward_queries", 0))
+            # the pairs cost their reward queries once per run, whether generated now or read from the cache;
+            # every process generates the same pairs, and the trainer counts queries × processes
+            spent = 0 if self._feedback_counted else int(generation_stats(path).get("reward_queries", 0)) // self.world
             self.reward.queries = before + spent
             self._feedback_counted = True
             self._load_data(path)
-        batch = self.buffer.sample()
+        batch = self.buffer.sample()  # the global batch: the same on every process (same generator)
         batch[keys.PROMPT_EMBEDS] = self.policy.encode_prompts(self.data.prompts_of(batch[keys.PROMPT_ID]))
         return batch
 
     # ------------------------------------------------------------------ the forward pass
     def pair_forward(self, pairs: TensorDictBase, *, winners_only: bool = False) -> PairForward:
-        """Noise winner and loser to the same t with the same ε; denoising errors of policy (and reference)."""
-        policy, m = self.policy, pairs.shape[0]
+        """Noise winner and loser to the same t with the same ε; denoising errors of policy (and reference).
+
+        The draws are made for the global minibatch and sliced (``local_part``), so a process's pairs get
+        the t and ε they would get in a one-process run.
+        """
+        policy, m = self.policy, pairs.shape[0] * self.world
         embeds = pairs[keys.PROMPT_EMBEDS]
         if self.config.caption_dropout > 0:
-            drop = torch.rand(m, generator=self.generator, device=embeds.device) < self.config.caption_dropout
-            embeds = torch.where(drop[:, None, None], policy.negative_embeds.to(embeds.dtype), embeds)
-        t = torch.randint(0, policy.alphas_cumprod.numel(), (m,), generator=self.generator, device=embeds.device)
-        noise = torch.randn(pairs[keys.LATENTS_W].shape, generator=self.generator, device=embeds.device)
+            drop = self.local_part(torch.rand(m, generator=self.generator, device=embeds.device))
+            embeds = torch.where((drop < self.config.caption_dropout)[:, None, None],
+                                 policy.negative_embeds.to(embeds.dtype), embeds)
+        t = self.local_part(torch.randint(0, policy.alphas_cumprod.numel(), (m,), generator=self.generator,
+                                          device=embeds.device))
+        noise = self.local_part(torch.randn((m, *pairs[keys.LATENTS_W].shape[1:]), generator=self.generator,
+                                            device=embeds.device))
         copies = 1 if winners_only else 2
         x0 = pairs[keys.LATENTS_W] if winners_only else torch.cat([pairs[keys.LATENTS_W], pairs[keys.LATENTS_L]])
         t, noise, embeds = t.repeat(copies), noise.repeat(copies, 1, 1, 1), embeds.repeat(copies, 1, 1)  # (2M, …)
@@ -242,7 +246,9 @@ class DiffusionDPO(Algorithm):
         model_err = ((output - target) ** 2).mean(dim=(1, 2, 3))
         ref_err = None
         if self.uses_reference:
-            ref_err = ((reference_prediction(policy, noisy, t, embeds) - target) ** 2).mean(dim=(1, 2, 3))
+            with torch.no_grad():  # the frozen reference's conditional prediction
+                ref_out = policy.predict_noise(noisy, t, embeds, guidance_scale=1.0, use_reference=True)
+            ref_err = ((ref_out - target) ** 2).mean(dim=(1, 2, 3))
         return PairForward(model_err, ref_err, x0, noisy, output.detach(), t)
 
     def loss_terms(self, pairs: TensorDictBase) -> dict[str, torch.Tensor]:
@@ -253,32 +259,20 @@ class DiffusionDPO(Algorithm):
         return {**terms, **error_diagnostics(mw, ml, rw, rl)}
 
     # ------------------------------------------------------------------ the update
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
-        cfg = self.config
-        totals: dict[str, torch.Tensor] = {}
-        steps = 0
-        n = batch.shape[0]
-        for _ in range(cfg.num_inner_epochs):
-            order = torch.randperm(n, generator=self.generator, device=batch.device)
-            for start in range(0, n, cfg.minibatch_size):
-                terms = self.loss_terms(batch[order[start : start + cfg.minibatch_size]])
-                loss = sum(v for k, v in terms.items() if k.startswith("loss_"))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + v.detach().float()
-                steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        means = torch.stack(list(totals.values())).cpu() / steps  # one device sync per update
-        return {(f"loss/{k[5:]}" if k.startswith("loss_") else f"diag/{k}"): float(v) for k, v in zip(totals, means)}
+    def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
+        """One optimiser step per minibatch of pairs, ``num_inner_epochs`` shuffled passes over the batch.
+
+        Every process holds the global batch and trains on its share of each minibatch.
+        """
+        for _ in range(self.config.num_inner_epochs):
+            for index in minibatches(batch.shape[0], self.config.minibatch_size, generator=self.generator,
+                                     device=batch.device):
+                yield OptimisationStep([self.local_part(batch[index])])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sampler = self.buffer.sampler.state_dict() if self.buffer is not None else self._pending_sampler_state
         return {
-            "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "sampler_generator": self.sampler_generator.get_state(),
             "sampler": dict(sampler) if sampler is not None else None,
@@ -286,7 +280,6 @@ class DiffusionDPO(Algorithm):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.sampler_generator.set_state(state["sampler_generator"])
         self._feedback_counted = bool(state["feedback_counted"])
@@ -304,6 +297,7 @@ def error_diagnostics(mw, ml, rw, rl) -> dict[str, torch.Tensor]:
             "model_err_w": mw.mean().detach(), "model_err_l": ml.mean().detach()}
 
 
+@register_algorithm("sft", config=PreferenceConfig)
 class SFT(DiffusionDPO):
     """Supervised fine-tuning on the preferred images only (Diffusion-DPO's baseline); no reference pass."""
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
 
+from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.algorithms.diffusion_dpo import (
     DiffusionDPO,
     DiffusionDPOConfig,
@@ -67,6 +68,7 @@ def dmpo_loss(
     }
 
 
+@register_algorithm("dmpo", config=DMPOConfig)
 class DMPO(DiffusionDPO):
     name = "dmpo"
 

@@ -36,6 +36,7 @@ Implementation details (numbered as a checklist):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,22 +45,30 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, make_optimizer
-from rl4diffusion.algorithms.ddpo import ddpo_loss
+from rl4diffusion.algorithms.base import (
+    Algorithm,
+    OptimisationStep,
+    TrainedModule,
+    make_optimizer,
+    register_algorithm,
+)
+from rl4diffusion.algorithms.losses import clipped_surrogate, gaussian_mean_kl
 from rl4diffusion.data import collect_trajectories, make_replay_buffer, terminal_rewards
 from rl4diffusion.errors import ConfigError
 
-TRANSITION_KEYS = (keys.LATENTS, keys.TIMESTEP, keys.STEP_INDEX, keys.PROMPT_ID, keys.PROMPT_EMBEDS,
-                   keys.POOLED_PROMPT_EMBEDS, keys.ACTION, keys.SAMPLE_LOG_PROB, keys.FINAL_REWARD)
+# what the replay buffer keeps of a transition (the conditioning is looked up by prompt_id)
+TRANSITION_KEYS = (keys.LATENTS, keys.TIMESTEP, keys.STEP_INDEX, keys.PROMPT_ID, keys.ACTION, keys.SAMPLE_LOG_PROB,
+                   keys.FINAL_REWARD)
 
 
 @dataclass
 class DPOKConfig:
-    lr: float = 1e-5
-    """AdamW learning rate of the policy (paper: 1e-5 for SD1.5 LoRA)."""
+    lr: float = 1e-3
+    """AdamW learning rate of the policy (paper: 1e-5 for SD1.5 LoRA; the tiny model's LoRA needs a larger step to move
+    in CPU-minutes)."""
     weight_decay: float = 0.0
     """AdamW weight decay of the policy."""
-    batch_size: int = 6
+    batch_size: int = 16
     """Chains sampled per epoch (upstream g_batch_size 6); their B·T transitions enter the buffer."""
     buffer_size: int = 1000
     """Replay buffer capacity in transitions; the oldest are overwritten first."""
@@ -70,7 +79,7 @@ class DPOKConfig:
     gradient_accumulation_steps: int = 1
     """Split each minibatch into this many backward passes (memory); must divide minibatch_size."""
     reward_weight: float = 100.0
-    """α: weight of the PPO reward term (paper 10–1000)."""
+    """α: weight of the PPO reward term (paper 10–1000, upstream default 100)."""
     kl_weight: float = 0.01
     """β: weight of the KL to the pretrained model (paper 0.01–0.1)."""
     kl_timestep_coefficient: bool = True
@@ -79,8 +88,8 @@ class DPOKConfig:
     """PPO clip ε on the per-step likelihood ratio (upstream ratio_clip 1e-4: log-probs are per-element means)."""
     max_grad_norm: float = 0.1
     """Gradient-norm clip of the policy (upstream clip_norm 0.1)."""
-    value_lr: float = 1e-4
-    """AdamW learning rate of the value network (upstream v_lr)."""
+    value_lr: float = 1e-3
+    """AdamW learning rate of the value network (upstream v_lr 1e-4)."""
     value_steps: int = 5
     """Value optimiser steps per epoch (upstream v_step)."""
     value_batch_size: int = 256
@@ -102,22 +111,6 @@ class DPOKConfig:
         if self.minibatch_size % self.gradient_accumulation_steps:
             raise ConfigError(f"algo.gradient_accumulation_steps ({self.gradient_accumulation_steps}) must divide "
                               f"algo.minibatch_size ({self.minibatch_size}).")
-
-
-def gaussian_mean_kl(
-    mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    """KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) per sample [B], = (μ_θ − μ_ref)²/(2σ²) reduced over non-batch dims.
-
-    DPOK Lemma 4.2; Flow-GRPO's KL term. ``reduction="mean"`` averages over latent elements (the
-    log-prob convention, DDPO), ``"sum"`` gives the exact KL of the whole latent. Deterministic
-    steps (σ = 0) carry no action and contribute 0, as in ``gaussian_log_prob``.
-    """
-    safe_std = torch.where(std > 0, std, torch.ones_like(std))
-    elementwise = (mean - ref_mean) ** 2 / (2 * safe_std**2)
-    elementwise = torch.where(std > 0, elementwise, torch.zeros_like(elementwise))
-    dims = tuple(range(1, mean.dim()))
-    return elementwise.mean(dim=dims) if reduction == "mean" else elementwise.sum(dim=dims)
 
 
 def dpok_loss(
@@ -155,7 +148,7 @@ def dpok_loss(
     Returns:
         ``loss_reward``, ``loss_kl`` and detached ``kl``, ``approx_kl``, ``clip_fraction``.
     """
-    ppo = ddpo_loss(log_prob, old_log_prob, advantages, clip_range)
+    ppo = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
     kl = gaussian_mean_kl(mean, ref_mean, std, reduction)
     if kl_timestep_coefficient:
         penalty = kl
@@ -172,15 +165,6 @@ def dpok_loss(
         "approx_kl": ppo["approx_kl"],
         "clip_fraction": ppo["clip_fraction"],
     }
-
-
-def reference_output(policy, td) -> torch.Tensor:
-    """The pretrained model's guided output for the states in ``td`` (LoRA disabled, or the frozen copy)."""
-    with torch.no_grad():
-        if policy.config.train_mode == "full":
-            return policy.predict_from_td(td, use_reference=True)
-        with policy.reference():
-            return policy.predict_from_td(td)
 
 
 class ValueNet(nn.Module):
@@ -210,6 +194,7 @@ class ValueNet(nn.Module):
         return self.head(h).squeeze(-1)  # (B,)
 
 
+@register_algorithm("dpok", config=DPOKConfig)
 class DPOK(Algorithm):
     name = "dpok"
 
@@ -218,91 +203,72 @@ class DPOK(Algorithm):
         self.config = config
         self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         embed_dim = policy.encode_prompts([""]).shape[-1]
-        self.value = ValueNet(policy.latent_shape[0], embed_dim, len(policy.timesteps), config.value_hidden)
-        self.value.to(policy.device)
-        self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=config.value_lr)
+        self.value_net = ValueNet(policy.latent_shape[0], embed_dim, len(policy.timesteps), config.value_hidden)
+        self.value_net.to(policy.device)
+        self.value = self.value_net  # the trainer replaces this with the prepared module (whose forward syncs)
+        self.value_optimizer = torch.optim.AdamW(self.value_net.parameters(), lr=config.value_lr)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
+        self.buffer_generator = torch.Generator(device=policy.device).manual_seed(seed + 1)
         self.buffer = make_replay_buffer(config.buffer_size, None, device=policy.device,  # sizes given per sample()
-                                         without_replacement=False, generator=torch.Generator().manual_seed(seed + 1))
+                                         without_replacement=False, generator=self.buffer_generator)
+
+    def trained_modules(self) -> dict[str, TrainedModule]:
+        return {"policy": TrainedModule(self.optimizer, self.config.max_grad_norm),
+                "value": TrainedModule(self.value_optimizer, None, module=self.value_net, attribute="value")}
 
     def collect(self, env) -> TensorDictBase:
+        self.remember_prompts(env.prompts)
         batch = collect_trajectories(env, self.policy, generator=self.generator)
         batch[keys.FINAL_REWARD] = terminal_rewards(batch)[:, None].expand(batch.shape)  # (B, T)
         return batch
 
-    def _world(self) -> int:
-        return self.distributed.world if self.distributed is not None else 1
-
-    def update(self, batch: TensorDictBase) -> dict[str, float]:
+    def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
+        """``value_steps`` steps of the value baseline, then ``policy_steps`` steps of the policy."""
         cfg = self.config
         self.buffer.extend(batch.select(*TRANSITION_KEYS, strict=False).reshape(-1))  # (B·T,) transitions
-        world = self._world()
-        totals: dict[str, float] = {}
-
         # 1. the value baseline: MSE to the final reward on transitions from the buffer
-        self.value.start_at(batch[keys.FINAL_REWARD].mean())
+        self.value_net.start_at(batch[keys.FINAL_REWARD].mean())
         for _ in range(cfg.value_steps):
-            data = self.buffer.sample(max(1, cfg.value_batch_size // world))
-            pred = self.value(data[keys.LATENTS], data[keys.PROMPT_EMBEDS], data[keys.STEP_INDEX])
-            value_loss = F.mse_loss(pred, data[keys.FINAL_REWARD])
-            value_loss.backward()
-            self.value_optimizer.step()
-            self.value_optimizer.zero_grad(set_to_none=True)
-            totals["value"] = totals.get("value", 0.0) + float(value_loss.detach()) / cfg.value_steps
-
+            data = self.with_conditioning(self.buffer.sample(max(1, cfg.value_batch_size // self.world)))
+            yield OptimisationStep([data], optimizers=("value",), loss_fn=self.value_loss_terms)
         # 2. the policy: PPO-clip on A = r − V plus the KL to the pretrained model
-        minibatch = max(1, cfg.minibatch_size // world)
+        minibatch = max(1, cfg.minibatch_size // self.world)
         chunk = math.ceil(minibatch / cfg.gradient_accumulation_steps)
         for _ in range(cfg.policy_steps):
-            data = self.buffer.sample(minibatch)  # (M,) transitions
+            data = self.with_conditioning(self.buffer.sample(minibatch))  # (M,) transitions
             with torch.no_grad():
                 advantages = data[keys.FINAL_REWARD] - self.value(
                     data[keys.LATENTS], data[keys.PROMPT_EMBEDS], data[keys.STEP_INDEX])
-            for start in range(0, minibatch, chunk):
-                part = data[start : start + chunk]
-                out = self.policy.predict_from_td(part)
-                step = self.policy.step(out, part[keys.LATENTS], part[keys.TIMESTEP], prev_sample=part[keys.ACTION])
-                ref_out = reference_output(self.policy, part)
-                ref_step = self.policy.step(ref_out, part[keys.LATENTS], part[keys.TIMESTEP], prev_sample=part[keys.ACTION])
-                terms = dpok_loss(
-                    step.log_prob, part[keys.SAMPLE_LOG_PROB], advantages[start : start + chunk], step.mean,
-                    ref_step.mean, step.std, reward_weight=cfg.reward_weight, kl_weight=cfg.kl_weight,
-                    clip_range=cfg.clip_range, reduction=self.policy.config.log_prob_reduction,
-                    kl_timestep_coefficient=cfg.kl_timestep_coefficient, model_output=out, ref_model_output=ref_out,
-                )
-                weight = part.shape[0] / minibatch
-                ((terms["loss_reward"] + terms["loss_kl"]) * weight).backward()
-                for k, v in terms.items():
-                    totals[k] = totals.get(k, 0.0) + float(v.detach()) * weight / cfg.policy_steps
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.trainable_parameters(), cfg.max_grad_norm)
-            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm) / cfg.policy_steps
-            totals["advantage_abs"] = totals.get("advantage_abs", 0.0) + float(advantages.abs().mean()) / cfg.policy_steps
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "loss/reward": totals["loss_reward"],
-            "loss/kl": totals["loss_kl"],
-            "loss/value": totals.get("value", 0.0),
-            "diag/kl": totals["kl"],
-            "diag/approx_kl": totals["approx_kl"],
-            "diag/clip_fraction": totals["clip_fraction"],
-            "diag/grad_norm": totals["grad_norm"],
-            "diag/advantage_abs": totals["advantage_abs"],
-            "train/buffer_transitions": float(len(self.buffer)),
-        }
+            data[keys.ADVANTAGE] = advantages
+            parts = [data[start : start + chunk] for start in range(0, minibatch, chunk)]
+            yield OptimisationStep(parts, weights=[part.shape[0] / minibatch for part in parts],
+                                   diagnostics={"advantage_abs": advantages.abs().mean()})
+
+    def value_loss_terms(self, data: TensorDictBase) -> dict[str, torch.Tensor]:
+        pred = self.value(data[keys.LATENTS], data[keys.PROMPT_EMBEDS], data[keys.STEP_INDEX])
+        return {"loss_value": F.mse_loss(pred, data[keys.FINAL_REWARD])}
+
+    def loss_terms(self, part: TensorDictBase) -> dict[str, torch.Tensor]:
+        cfg, policy = self.config, self.policy
+        out = policy.predict_from_td(part)
+        step = policy.step(out, part[keys.LATENTS], part[keys.TIMESTEP], prev_sample=part[keys.ACTION])
+        ref_out = policy.reference_output(part)
+        ref_step = policy.step(ref_out, part[keys.LATENTS], part[keys.TIMESTEP], prev_sample=part[keys.ACTION])
+        return dpok_loss(
+            step.log_prob, part[keys.SAMPLE_LOG_PROB], part[keys.ADVANTAGE], step.mean, ref_step.mean, step.std,
+            reward_weight=cfg.reward_weight, kl_weight=cfg.kl_weight, clip_range=cfg.clip_range,
+            reduction=policy.config.log_prob_reduction, kl_timestep_coefficient=cfg.kl_timestep_coefficient,
+            model_output=out, ref_model_output=ref_out,
+        )
+
+    def end_update(self) -> dict[str, float]:
+        return {"train/buffer_transitions": float(len(self.buffer))}
 
     def state_dict(self) -> dict:
-        return {
-            "optimizer": self.optimizer.state_dict(),
-            "value": self.value.state_dict(),
-            "value_optimizer": self.value_optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "buffer": self.buffer.state_dict(),
-        }
+        return {"generator": self.generator.get_state(), "buffer_generator": self.buffer_generator.get_state(),
+                "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.value.load_state_dict(state["value"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
         self.generator.set_state(state["generator"])
+        self.buffer_generator.set_state(state["buffer_generator"])
         self.buffer.load_state_dict(state["buffer"])

@@ -31,17 +31,24 @@ from tensordict import TensorDictBase
 
 from rl4diffusion import keys
 from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop
+from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.errors import ConfigError
 
 
 @dataclass
 class ReFLConfig(BackpropConfig):
+    """ReFL's options (the shared ones are ``BackpropConfig``'s). The paper fine-tunes all of SD1.5 with lr 1e-5,
+    AdamW's default weight decay 1e-2, 64 chains per step (2 per GPU × 8 GPUs × 4 accumulation), a gradient clip of
+    1.0 and the DDPM sampler; the tiny model's LoRA needs larger steps (lr 1e-3)."""
+
     start_range: list[float] = field(default_factory=lambda: [0.75, 1.0])
     """[lo, hi]: the grad step s is drawn uniformly from step indices ⌊lo·N⌋ … ⌈hi·N⌉−1 (paper: 30–39 of 40)."""
-    reward_target: float = 2.0
-    """Rewards above this give no gradient (ReLU(target − r)); paper: 2 for ImageReward."""
-    loss_scale: float = 1e-3
-    """λ, the loss multiplier (paper: 1e-3)."""
+    reward_target: float = 0.0
+    """Rewards above this give no gradient (ReLU(target − r)); paper: 2 for ImageReward's standardised score.
+    0 here: shape_alignment is a log-probability ≤ 0, so the ReLU never saturates."""
+    loss_scale: float = 1.0
+    """λ, the loss multiplier (paper: 1e-3 for ImageReward's standardised score; scale-free under Adam up to the
+    gradient clip)."""
     reg_weight: float = 0.0
     """Weight of the pre-training ε-MSE regulariser on the shapes dataset (0 = off)."""
     reg_batch_size: int = 16
@@ -96,6 +103,7 @@ def refl_start_index(num_steps: int, start_range, generator: torch.Generator) ->
     return int(torch.randint(first, last + 1, (1,), generator=generator, device=generator.device))
 
 
+@register_algorithm("refl", config=ReFLConfig)
 class ReFL(RewardBackprop):
     name = "refl"
 

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from tensordict import TensorDictBase
 
+from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.algorithms.diffusion_dpo import (
     DiffusionDPO,
     DiffusionDPOConfig,
@@ -70,8 +71,6 @@ class SDPOConfig(DiffusionDPOConfig):
             raise ConfigError(f"algo.clip_epsilon must be in [0, 1), got {self.clip_epsilon}")
         if self.mask_threshold < 0:
             raise ConfigError(f"algo.mask_threshold must be ≥ 0 (0 disables masking), got {self.mask_threshold}")
-        if self.weight_reduction not in ("mean", "sum"):
-            raise ConfigError(f"algo.weight_reduction must be 'mean' or 'sum', got {self.weight_reduction!r}")
 
 
 # ---------------------------------------------------------------------------------------- importance weights
@@ -174,6 +173,7 @@ def importance_diagnostics(u, log_weight_w, log_weight_l, keep, clip_epsilon) ->
 
 
 # ---------------------------------------------------------------------------------------- the classes
+@register_algorithm("dpo_cm", config=SDPOConfig)
 class DPOCM(DiffusionDPO):
     """DPO-C&M (experimental): Diffusion-DPO with clipped, masked importance weights on the loss."""
 
@@ -188,7 +188,8 @@ class DPOCM(DiffusionDPO):
         alpha_prev = torch.where(t > 0, policy.alphas_cumprod[(t - 1).clamp(min=0)], torch.ones_like(alpha_t))
         pred_x0, _ = model_output_to_x0_eps(fwd.model_output, fwd.noisy, alpha_t, policy.scheduler.config.prediction_type)
         m = pairs.shape[0]
-        noise = torch.randn(fwd.x0[:m].shape, generator=self.generator, device=fwd.x0.device).repeat(2, 1, 1, 1)
+        noise = self.local_part(torch.randn((m * self.world, *fwd.x0.shape[1:]), generator=self.generator,
+                                            device=fwd.x0.device)).repeat(2, 1, 1, 1)  # global draw, this process's rows
         log_w = importance_log_weights(fwd.x0, fwd.noisy, pred_x0, alpha_t, alpha_prev, noise,
                                        reduction=cfg.weight_reduction)
         mw, ml = fwd.model_err.chunk(2)
@@ -199,6 +200,7 @@ class DPOCM(DiffusionDPO):
         return {**terms, **error_diagnostics(mw, ml, rw, rl)}
 
 
+@register_algorithm("sdpo", config=SDPOConfig)
 class SDPO(DPOCM):
     """SDPO (experimental): importance-weighted log-ratio terms inside DPO's sigmoid."""
 

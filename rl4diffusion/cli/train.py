@@ -5,6 +5,7 @@ Examples::
     python -m rl4diffusion.train                                   # defaults: the embedded world
     python -m rl4diffusion.train algo=ddpo reward=jpeg_compressibility epochs=20
     python -m rl4diffusion.train reward=my_pkg.my_rewards:sharpness model=path:/models/sd15
+    python -m rl4diffusion.train algo=my_pkg.my_algos:MyAlgo 'hydra.searchpath=[pkg://my_pkg.conf]'  # your algorithm
     python -m rl4diffusion.train -m algo=ddpo,nabla_gfn seed=0,1    # a Hydra sweep
     torchrun --nproc_per_node 2 -m rl4diffusion.train              # data-parallel (CPU: gloo)
     accelerate launch --config_file my.yaml -m rl4diffusion.train  # DDP / FSDP / DeepSpeed

@@ -353,7 +353,7 @@ def generate_preference_pairs(
         chunk_prompts = [prompts[(cursor + i) % len(prompts)] for i in range(chunk)]
         cursor += chunk
         flat = [p for p in chunk_prompts for _ in range(2)]  # (2·chunk,): samples 2i and 2i+1 share a prompt
-        images = sample_base(policy, flat, generator)
+        images = policy.sample(list(flat), generator=generator, use_reference=True)["images"]  # the base model
         scores = reward(images, flat).detach().float().cpu()
         drawn += chunk
         pixels = _to_uint8(images)
@@ -375,14 +375,6 @@ def generate_preference_pairs(
         "rewards_1": torch.tensor(r1[:n]),
         "stats": {"pairs": n, "ties_skipped": ties, "reward_queries": 2 * drawn},
     }
-
-
-def sample_base(policy, prompts: Sequence[str], generator: torch.Generator) -> torch.Tensor:
-    """Images of the pretrained model (LoRA disabled, or the frozen copy under full fine-tuning)."""
-    if policy.config.train_mode == "full":
-        return policy.sample(list(prompts), generator=generator, use_reference=True)["images"]
-    with policy.reference():
-        return policy.sample(list(prompts), generator=generator)["images"]
 
 
 def encode_jpeg_bytes(image: torch.Tensor, quality: int = 95) -> bytes:

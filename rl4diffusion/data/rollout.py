@@ -28,7 +28,10 @@ def collect_trajectories(
         generator: the policy's sampling noise (seed it for paired comparisons).
 
     Returns:
-        A TensorDict [B, T]; the terminal reward is ``td["next", "reward"][:, -1, 0]``.
+        A TensorDict [B, T]; the terminal reward is ``td["next", "reward"][:, -1, 0]``. The prompt's
+        conditioning (``prompt_embeds`` and any extra key) is not stored per step — T copies of an
+        [L, D] embedding per chain would dominate the batch at SD scale — only ``prompt_id``;
+        ``conditioning_table`` and ``Algorithm.with_conditioning`` put it back for a minibatch.
     """
     reset_in = TensorDict({}, batch_size=env.batch_size, device=env.device)
     if prompt_ids is not None:
@@ -36,15 +39,28 @@ def collect_trajectories(
     if latents is not None:
         reset_in[keys.LATENTS] = latents.to(env.device)
     start = env.reset(reset_in)
-    return env.rollout(
+    steps = env.rollout(
         env.core.num_steps,
         policy=functools.partial(policy.act, generator=generator),
         auto_reset=False,
         tensordict=start,
         break_when_any_done=False,
-        return_contiguous=True,
+        return_contiguous=False,  # a lazy stack: the per-step references to one embedding are never copied
         trust_policy=True,  # policy.act reads and writes the TensorDict keys itself
     )
+    conditioning = conditioning_keys(policy)
+    return steps.exclude(*conditioning, *[(keys.NEXT, k) for k in conditioning]).contiguous()
+
+
+def conditioning_keys(policy) -> tuple[str, ...]:
+    """The keys of a state's prompt conditioning: ``prompt_embeds`` plus the policy's extra ones (SD3's pooled)."""
+    return (keys.PROMPT_EMBEDS, *getattr(policy, "extra_conditioning_keys", ()))
+
+
+@torch.no_grad()
+def conditioning_table(policy, prompts) -> dict[str, torch.Tensor]:
+    """Every prompt's conditioning by key, [P, ...], from the policy's cache: index it with ``prompt_id``."""
+    return {keys.PROMPT_EMBEDS: policy.encode_prompts(list(prompts)), **policy.extra_conditioning(list(prompts))}
 
 
 def terminal_rewards(trajectories: TensorDictBase) -> torch.Tensor:

@@ -1,15 +1,15 @@
-"""Scale-out through accelerate: the same ``python -m rl4diffusion.train`` runs alone, under
-``torchrun --nproc_per_node N`` (CPU: gloo) or under ``accelerate launch`` (DDP/FSDP/DeepSpeed configs).
+"""The process layout of a run, from accelerate: the same ``python -m rl4diffusion.train`` runs alone,
+under ``torchrun --nproc_per_node N`` (CPU: gloo) or under ``accelerate launch`` (DDP/FSDP/DeepSpeed).
 
 How a run is split, and why it matches one process with the same global batch:
 
 * every process draws the *global* batch's random numbers (prompts, x_T, step noise) from the
   same seeded generators and keeps its own slice, so process r runs exactly the chains that a
   single process would run at positions [r·B, (r+1)·B) — noise is cheap, network calls are not;
-* rewards are gathered across processes before per-prompt statistics (``gather``);
-* gradients are averaged across processes right before each optimiser step (a step pre-hook on
-  every optimiser of the algorithm), so all replicas take the same step;
-* only the main process writes logs, images and checkpoints.
+* rewards are gathered across processes before per-prompt or group statistics (``gather``);
+* gradients are averaged by the prepared (DDP) modules in the backward of each optimisation
+  step's last micro-batch (``training/optimisation.py``), so all replicas take the same step;
+* only the main process writes logs, images and checkpoint files.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ import torch
 
 
 class Distributed:
-    """Process layout from accelerate, plus the three collectives training needs."""
+    """Rank, world size and the gather that algorithms need, read from the run's Accelerator."""
 
-    def __init__(self, device: torch.device):
-        from accelerate import Accelerator
-
-        self.accelerator = Accelerator(cpu=device.type == "cpu")
-        self.rank = self.accelerator.process_index
-        self.world = self.accelerator.num_processes
-        self.is_main = self.accelerator.is_main_process
-        self.device = self.accelerator.device if device.type != "cpu" else device
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.device = accelerator.device
 
     @property
     def enabled(self) -> bool:
@@ -40,15 +38,3 @@ class Distributed:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-process tensor [B, ...] along dim 0 in rank order → [world·B, ...]."""
         return self.accelerator.gather(tensor.contiguous()) if self.enabled else tensor
-
-    def average_gradients_before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self.enabled:
-            return
-
-        def hook(opt, args, kwargs):
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad.copy_(self.accelerator.reduce(p.grad, reduction="mean"))
-
-        optimizer.register_step_pre_hook(hook)

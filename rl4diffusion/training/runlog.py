@@ -1,4 +1,4 @@
-"""A run directory's outputs: metrics.jsonl, TensorBoard scalars and image grids."""
+"""A run directory's outputs: metrics.jsonl, the trackers' scalars (accelerate's ``log_with``) and image grids."""
 
 from __future__ import annotations
 
@@ -11,21 +11,18 @@ import torch
 
 
 class RunLogger:
-    """Writes one JSON object per line to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+    """Writes one JSON object per line to ``metrics.jsonl`` and mirrors scalars to the accelerator's trackers
+    (TensorBoard under ``<run>/tb`` by default; wandb, mlflow, … through ``log_with``).
 
-    Only the main process should own a RunLogger (pass ``enabled=False`` elsewhere).
+    Only the main process writes (``enabled=False`` elsewhere).
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, *, accelerator=None, enabled: bool = True):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
-        self.writer = None
+        self.accelerator = accelerator
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tb"))
 
     def log(self, record: dict) -> None:
         """Append ``record`` (must hold "step" and "phase") to metrics.jsonl and TensorBoard."""
@@ -36,12 +33,11 @@ class RunLogger:
             f.write(json.dumps(clean) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.writer is not None:
+        if self.accelerator is not None and self.accelerator.trackers:
             prefix = record["phase"] + ("/" + record["prompt_set"] if "prompt_set" in record else "")
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    tag = k if "/" in k else f"{prefix}/{k}"
-                    self.writer.add_scalar(tag, v, record["step"])
+            scalars = {(k if "/" in k else f"{prefix}/{k}"): v for k, v in clean.items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+            self.accelerator.log(scalars, step=record["step"])
 
     def save_images(self, images: torch.Tensor, name: str, nrow: int = 8) -> Path | None:
         if not self.enabled:
@@ -63,5 +59,4 @@ class RunLogger:
         os.replace(tmp, path)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """The trackers are closed by ``accelerator.end_training()``; nothing else is held open."""

@@ -13,10 +13,8 @@ is reported in one paragraph with exit code 2.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -107,242 +105,349 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def is_finite_update(metrics: dict, policy) -> bool:
-    losses_ok = all(math.isfinite(v) for k, v in metrics.items() if isinstance(v, float) and k.startswith("loss"))
-    return losses_ok and all(torch.isfinite(p).all() for p in policy.trainable_parameters())
+
+def build_accelerator(cfg: DictConfig, run_dir: Path):
+    """The run's Accelerator: devices, processes, mixed precision and trackers all come from it."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import ProjectConfiguration
+
+    if not AcceleratorState._shared_state.get("distributed_type") or AcceleratorState().num_processes == 1:
+        # several runs in one process (tests, the bench) may each ask for another precision or device
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
+    device = resolve_device(str(cfg.device))
+    precision = str(cfg.get("mixed_precision", "no"))
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("mixed_precision=fp16 needs a GPU (fp16 autocast with gradient scaling is CUDA's); on a "
+                          "CPU use mixed_precision=bf16 or no.")
+    trackers = list(cfg.get("log_with") or [])
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)))
+
+
+class Trainer:
+    """One training run: ``build`` the primitives, ``fit`` (collect → update), ``evaluate``, ``checkpoint``.
+
+    The trainer owns the optimisation step (``training/optimisation.py``) and accelerate; the algorithm
+    owns its data and loss terms. It never names an algorithm.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        # loop state, restored from the checkpoint when resuming (merged over these defaults)
+        self.loop = {"epoch": 0, "base": None, "last_eval": None, "last_eval_step": -1, "eval_queries": 0,
+                     "eval_seconds": 0.0, "skipped": 0, "wall_before": 0.0, "cpu_before": 0.0,
+                     "eval_cpu_seconds": 0.0, "query_evals": 0}
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    # ---------------------------------------------------------------- build
+    def build(self) -> None:
+        """Reward, prompts, policy, algorithm, environment and accelerate, cheapest checks first."""
+        from rl4diffusion.training.config import validate_train_config
+
+        cfg = self.cfg
+        validate_train_config(cfg)
+        from rl4diffusion.policies.base import check_pretrained_available
+
+        check_pretrained_available(str(cfg.model.pretrained))  # absent weights fail in seconds
+        from rl4diffusion.rewards import build_reward
+
+        if cfg.threads:
+            torch.set_num_threads(int(cfg.threads))
+        self.run_dir = prepare_run_dir(cfg, self.run_dir)
+        self.accelerator = build_accelerator(cfg, self.run_dir)
+        from rl4diffusion.training.distributed import Distributed
+
+        self.dist = Distributed(self.accelerator)
+        device = self.dist.device
+        reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
+        self.reward = build_reward(reward_options.pop("name"), device=device, **reward_options)
+
+        from rl4diffusion.algorithms import algorithm_classes, build_algorithm
+        from rl4diffusion.algorithms.base import build_config, check_reward_compatible
+        from rl4diffusion.data.prompts import resolve_prompts
+        from rl4diffusion.envs import DenoisingEnv
+        from rl4diffusion.policies.base import DiffusionPolicy, PolicyConfig
+        from rl4diffusion.training.runlog import RunLogger
+
+        torch.manual_seed(cfg.seed)
+        model_options = OmegaConf.to_container(cfg.model, resolve=True)
+        unknown = sorted(set(model_options) - set(PolicyConfig.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown model option(s): {', '.join(unknown)}. "
+                              f"Valid: {', '.join(PolicyConfig.__dataclass_fields__)}.")
+        algo_options = OmegaConf.to_container(cfg.algo, resolve=True)
+        self.algo_name = algo_options.pop("name")
+        algo_cls, config_cls = algorithm_classes(self.algo_name)
+        check_reward_compatible(algo_cls, self.reward)
+        build_config(config_cls, dict(algo_options), self.algo_name)  # bad algo options fail before the model loads
+        self.prompts = resolve_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts)
+                                       else cfg.prompts)
+        eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
+        self.eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec)
+                          for i, spec in enumerate(eval_specs)}
+        self.policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
+        self.algorithm = build_algorithm(self.algo_name, algo_options, self.policy, self.reward, seed=int(cfg.seed))
+        batch_size = int(getattr(self.algorithm.config, "batch_size", 8))
+        if self.dist.enabled:  # each process runs its slice of the global batch
+            for key in ("batch_size", "minibatch_size"):
+                value = getattr(self.algorithm.config, key, None)
+                if value is not None and value % self.dist.world:
+                    raise ConfigError(f"algo.{key} ({value}) is global and must be divisible by the number of "
+                                      f"processes ({self.dist.world}).")
+            batch_size //= self.dist.world
+            self.policy.process_slice = (self.dist.rank, self.dist.world)
+            self.algorithm.distributed = self.dist
+        self.env = DenoisingEnv(self.policy, self.reward, self.prompts, batch_size=batch_size)
+        self.env.set_seed(int(cfg.seed))
+        self._prepare()
+        self.logger = RunLogger(self.run_dir, accelerator=self.accelerator, enabled=self.dist.is_main)
+
+    def _prepare(self) -> None:
+        """``accelerator.prepare`` the trainable modules and optimisers; checkpoint only the trainable weights."""
+        from rl4diffusion.training.optimisation import Updater
+
+        acc = self.accelerator
+        self.updater = Updater(self.algorithm, acc)
+        # accelerate lists the prepared module or, under DDP, the module it wrapped
+        denoisers = (self.updater.denoiser, self.policy.unet)
+
+        def save_hook(models, weights, output_dir):
+            from rl4diffusion.training.checkpoint import save_trainable
+
+            for i in reversed(range(len(models))):
+                if any(models[i] is d for d in denoisers):
+                    if acc.is_main_process:
+                        save_trainable(self.policy, output_dir)
+                    weights.pop(i)  # not the whole network: only what trains
+
+        def load_hook(models, input_dir):
+            from rl4diffusion.training.checkpoint import load_trainable
+
+            for i in reversed(range(len(models))):
+                if any(models[i] is d for d in denoisers):
+                    load_trainable(self.policy, input_dir)
+                    models.pop(i)
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    # ---------------------------------------------------------------- clocks and counters
+    def train_queries(self) -> int:
+        """Reward queries spent on training, summed over processes."""
+        return (self.reward.queries - self.loop["eval_queries"]) * self.dist.world
+
+    def wall(self) -> float:
+        return self.loop["wall_before"] + time.perf_counter() - self.start
+
+    def cpu(self) -> float:
+        """CPU seconds of this process: a budget that other jobs on the machine do not eat."""
+        return self.loop["cpu_before"] + time.process_time() - self.cpu_start
+
+    # ---------------------------------------------------------------- evaluate
+    def evaluate(self, step: int) -> dict:
+        """Fixed-seed samples of every evaluation prompt set: reward (and diversity, FID, win rate)."""
+        from rl4diffusion.training.evaluation import evaluate
+
+        cfg, t0, cpu0 = self.cfg, time.perf_counter(), time.process_time()
+        before = self.reward.queries
+        results, per_sample = {}, {}
+        for name, set_prompts in self.eval_sets.items():
+            with self.accelerator.autocast():
+                stats, sample_rewards, images = evaluate(
+                    self.policy, self.reward, set_prompts, metrics=self.eval_metrics, name=name,
+                    samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
+            results[name] = stats
+            per_sample[name] = [round(float(r), 5) for r in sample_rewards]  # for head-to-head comparisons
+            self.logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
+                                    nrow=cfg.eval.samples_per_prompt * 2)
+        self.loop["eval_queries"] += self.reward.queries - before
+        self.loop["eval_seconds"] += time.perf_counter() - t0
+        self.loop["eval_cpu_seconds"] += time.process_time() - cpu0
+        for name, stats in results.items():
+            self.logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
+                             "reward_queries": self.train_queries(), "wall_s": self.wall(),
+                             "train_cpu_s": self.cpu() - self.loop["eval_cpu_seconds"],
+                             "sample_rewards": per_sample[name]})
+        self.loop["last_eval"], self.loop["last_eval_step"] = results, step
+        return results
+
+    def _set_up_evaluation(self) -> None:
+        """Metric networks, and the base model's samples of a resumed run (for FID vs base and win rate)."""
+        from rl4diffusion.training.evaluation import EvalMetrics, reference_images, sample_fixed
+
+        cfg = self.cfg
+        self.eval_metrics = None
+        if cfg.eval.metrics:
+            refs = {name: reference_images(p, cfg.eval.reference_size, cfg.eval.seed)
+                    for name, p in self.eval_sets.items()}
+            self.eval_metrics = EvalMetrics(self.dist.device, cfg.eval.feature_space,
+                                            {k: v for k, v in refs.items() if v is not None})
+        if self.eval_metrics is not None and self.loop["base"] is not None:
+            for name, set_prompts in self.eval_sets.items():
+                images, flat, _ = sample_fixed(self.policy, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
+                                               seed=cfg.eval.seed, use_reference=True)
+                self.eval_metrics.set_base(name, images, self.reward.fn(images, flat).float())
+
+    # ---------------------------------------------------------------- checkpoint
+    def checkpoint(self) -> None:
+        """Write the run's state atomically (accelerate's save_state inside our temporary directory)."""
+        from rl4diffusion.training.checkpoint import save_checkpoint
+
+        self.loop["wall_before"], self.loop["cpu_before"] = self.wall(), self.cpu()
+        state = {"algorithm": self.algorithm.state_dict(), "env_rng": self.env.rng.get_state(),
+                 "reward_queries": self.reward.queries, "loop": json.dumps(self.loop)}
+        save_checkpoint(self.run_dir, self.loop["epoch"], state, self.policy, self.accelerator,
+                        keep_last=int(self.cfg.checkpoint.keep_last))
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def _restore(self) -> Path | None:
+        """Resume: the algorithm, environment and loop state now; weights, optimisers and RNGs in ``fit``."""
+        from rl4diffusion.training.checkpoint import latest_checkpoint, load_state
+
+        checkpoint = latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        if checkpoint is not None:
+            saved = load_state(checkpoint)
+            self.algorithm.load_state_dict(saved["algorithm"])
+            self.env.rng.set_state(saved["env_rng"])
+            self.reward.queries = int(saved["reward_queries"])
+            self.loop.update(json.loads(saved["loop"]))
+            truncate_metrics(self.run_dir, self.loop["epoch"])
+            log.info("resumed %s from %s (epoch %d)", self.run_dir, checkpoint.name, self.loop["epoch"])
+        elif self.cfg.resume:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
+        return checkpoint
+
+    # ---------------------------------------------------------------- fit
+    def fit(self) -> dict:
+        """collect → update for ``cfg.epochs`` epochs (or until a budget is spent); returns the summary."""
+        from tqdm.auto import tqdm
+
+        from rl4diffusion.data import terminal_rewards
+
+        cfg, loop = self.cfg, self.loop
+        checkpoint = self._restore()
+        self._set_up_evaluation()
+        if self.dist.is_main:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            self.accelerator.init_trackers("tb", config=_flat_hparams(cfg))
+        log.info("run directory: %s", self.run_dir)
+        log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d", self.algo_name, self.reward.name,
+                 cfg.model.pretrained, len(self.prompts), cfg.epochs)
+        if loop["base"] is None:
+            loop["base"] = self.evaluate(0)
+            log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in loop["base"].items()})
+        if checkpoint is not None:  # last, so that nothing above (metric networks, base samples) shifts the RNGs
+            self.accelerator.load_state(str(checkpoint / "accelerate"))
+        # the training clocks (re)start here: loading, metric set-up and the base samples are not training
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        if loop["epoch"] == 0:
+            loop["eval_seconds"] = loop["eval_cpu_seconds"] = 0.0
+
+        interrupted = False
+        with StopRequest() as stop:
+            bar = tqdm(range(loop["epoch"] + 1, cfg.epochs + 1), desc=self.algo_name, disable=not cfg.progress,
+                       dynamic_ncols=True)
+            for epoch in bar:
+                with self.accelerator.autocast():
+                    batch = self.algorithm.collect(self.env)
+                record = {"step": epoch, "phase": "train"}
+                is_rollout = keys.NEXT in batch.keys() and batch.batch_dims == 2
+                rewards = self.dist.gather(terminal_rewards(batch)) if is_rollout else None
+                if rewards is not None:
+                    record.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
+                if rewards is not None and not torch.isfinite(rewards).all():
+                    log.warning("epoch %d: non-finite reward in the batch; update skipped", epoch)
+                    metrics, skipped = {}, 1
+                else:
+                    metrics = self.updater(batch)
+                    skipped = self.updater.skipped
+                    if skipped:
+                        log.warning("epoch %d: %d optimisation step(s) with a non-finite loss or gradient were "
+                                    "skipped", epoch, skipped)
+                loop["skipped"] += skipped
+                if loop["skipped"] > cfg.max_skipped_updates:
+                    raise TrainingAborted(f"{loop['skipped']} updates were skipped for non-finite rewards, losses or "
+                                          f"gradients (max_skipped_updates={cfg.max_skipped_updates}). Lower the "
+                                          "learning rate or check the reward; the last checkpoint is intact.")
+                record.update(metrics)
+                record.update({"train/skipped_updates": loop["skipped"], "reward_queries": self.train_queries(),
+                               "wall_s": self.wall(), "train_wall_s": self.wall() - loop["eval_seconds"],
+                               "train_cpu_s": self.cpu() - loop["eval_cpu_seconds"]})
+                self.logger.log(record)
+                loop["epoch"] = epoch
+                bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
+                query_evals = record["reward_queries"] // cfg.eval.every_queries if cfg.eval.get("every_queries") else 0
+                by_epoch = cfg.eval.every and epoch % cfg.eval.every == 0
+                if (by_epoch or query_evals > loop["query_evals"]) and epoch != cfg.epochs:
+                    self.evaluate(epoch)
+                loop["query_evals"] = query_evals
+                spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"],
+                         "train_cpu_seconds": record["train_cpu_s"]}
+                over = [k for k, limit in cfg.budget.items() if limit is not None and spent[k] >= limit]
+                if over and epoch != cfg.epochs:
+                    log.info("budget reached (%s) after epoch %d", ", ".join(over), epoch)
+                    break
+                if stop.requested:
+                    self.checkpoint()
+                    interrupted = True
+                    log.warning("stopped after epoch %d; continue with resume=%s", epoch, self.run_dir)
+                    break
+                if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0 and epoch != cfg.epochs:
+                    self.checkpoint()
+        if interrupted:
+            self.close()
+            return {}
+        final = loop["last_eval"] if loop["last_eval_step"] == loop["epoch"] > 0 else self.evaluate(loop["epoch"])
+        self.checkpoint()
+        return self._finish(final)
+
+    def _finish(self, final: dict) -> dict:
+        cfg, loop = self.cfg, self.loop
+        if cfg.save_lora and self.dist.is_main:
+            self.policy.save_pretrained_lora(self.run_dir / "lora")
+        base = loop["base"]
+        summary = {
+            "algo": self.algo_name, "reward": self.reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
+            "epochs": int(loop["epoch"]), "reward_queries": self.train_queries(),
+            "wall_s": self.wall(), "train_wall_s": self.wall() - loop["eval_seconds"],
+            "train_cpu_s": self.cpu() - loop["eval_cpu_seconds"], "skipped_updates": loop["skipped"],
+            "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
+            "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},
+        }
+        self.logger.write_json("summary.json", summary)
+        self.close()
+        log.info("final eval: %s (base %s)", {k: round(v["reward_mean"], 4) for k, v in final.items()},
+                 {k: round(v["reward_mean"], 4) for k, v in base.items()})
+        return summary
+
+    def close(self) -> None:
+        self.logger.close()
+        self.accelerator.end_training()
+
+
+def _flat_hparams(cfg: DictConfig) -> dict:
+    """The config as flat scalar hyper-parameters (what TensorBoard / wandb / mlflow trackers accept)."""
+    flat = {}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            name = f"{prefix}{k}"
+            if isinstance(v, dict):
+                walk(name + ".", v)
+            elif isinstance(v, (int, float, str, bool)):
+                flat[name] = v
+            elif v is not None:
+                flat[name] = str(v)
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return flat
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted)."""
-    from rl4diffusion.policies.base import check_pretrained_available
-    from rl4diffusion.training.config import validate_train_config
-
-    # fail in seconds on bad values or absent weights, before the heavy imports below
-    validate_train_config(cfg)
-    check_pretrained_available(str(cfg.model.pretrained))
-
-    # the reward next: a reward whose weights are absent fails here, in seconds, before the heavy imports
-    from rl4diffusion.rewards import build_reward
-    from rl4diffusion.training.distributed import Distributed
-
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    dist = Distributed(resolve_device(cfg.device))  # one process, or one of torchrun / accelerate launch's
-    device = dist.device
-    reward_options = OmegaConf.to_container(cfg.reward, resolve=True)
-    reward = build_reward(reward_options.pop("name"), device=device, **reward_options)
-
-    from rl4diffusion.algorithms import algorithm_classes, build_algorithm
-    from rl4diffusion.algorithms.base import build_config, check_reward_compatible
-    from rl4diffusion.data import terminal_rewards
-    from rl4diffusion.data.prompts import resolve_prompts
-    from rl4diffusion.envs import DenoisingEnv
-    from rl4diffusion.policies.base import DiffusionPolicy, PolicyConfig
-    from rl4diffusion.training.checkpoint import (
-        latest_checkpoint,
-        load_checkpoint,
-        load_trainable_state,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-        trainable_state,
-    )
-    from rl4diffusion.training.evaluation import EvalMetrics, evaluate, reference_images, sample_fixed
-    from rl4diffusion.training.runlog import RunLogger
-
-    run_dir = prepare_run_dir(cfg, Path(run_dir))
-    torch.manual_seed(cfg.seed)
-
-    # 1. the primitives: prompts, policy, algorithm, environment (cheap checks before the model loads)
-    model_options = OmegaConf.to_container(cfg.model, resolve=True)
-    unknown = sorted(set(model_options) - set(PolicyConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown model option(s): {', '.join(unknown)}. Valid: {', '.join(PolicyConfig.__dataclass_fields__)}.")
-    algo_options = OmegaConf.to_container(cfg.algo, resolve=True)
-    algo_name = algo_options.pop("name")
-    check_reward_compatible(algorithm_classes(algo_name)[0], reward)
-    build_config(algorithm_classes(algo_name)[1], dict(algo_options), algo_name)  # bad algo options fail before the model loads
-    prompts = resolve_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts)
-    eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
-    eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec) for i, spec in enumerate(eval_specs)}
-    policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
-    algorithm = build_algorithm(algo_name, algo_options, policy, reward, seed=int(cfg.seed))
-    batch_size = int(getattr(algorithm.config, "batch_size", 8))
-    if dist.enabled:  # each process runs its slice of the global batch; gradients are averaged
-        for key in ("batch_size", "minibatch_size"):
-            value = getattr(algorithm.config, key, None)
-            if value is not None and value % dist.world:
-                raise ConfigError(f"algo.{key} ({value}) is global and must be divisible by the number of processes "
-                                  f"({dist.world}).")
-        batch_size //= dist.world
-        policy.process_slice = (dist.rank, dist.world)
-        algorithm.distributed = dist
-        for optimizer in algorithm.optimizers():
-            dist.average_gradients_before_step(optimizer)
-    env = DenoisingEnv(policy, reward, prompts, batch_size=batch_size)
-    env.set_seed(int(cfg.seed))
-
-    # 2. loop state, restored from the latest checkpoint when resuming
-    # (a checkpoint's loop state is merged over these defaults, so keys added later start at their default)
-    loop = {"epoch": 0, "base": None, "last_eval": None, "last_eval_step": -1, "eval_queries": 0, "eval_seconds": 0.0, "skipped": 0,
-            "wall_before": 0.0, "cpu_before": 0.0, "eval_cpu_seconds": 0.0, "query_evals": 0}
-    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-    if checkpoint is not None:
-        saved = load_checkpoint(checkpoint, policy)
-        algorithm.load_state_dict(saved["algorithm"])
-        env.rng.set_state(saved["env_rng"])
-        reward.queries = int(saved["reward_queries"])
-        loop.update(json.loads(saved["loop"]))
-        truncate_metrics(run_dir, loop["epoch"])
-        log.info("resumed %s from %s (epoch %d)", run_dir, checkpoint.name, loop["epoch"])
-    elif cfg.resume:
-        truncate_metrics(run_dir, 0)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
-    eval_metrics = None
-    if cfg.eval.metrics:
-        refs = {name: reference_images(p, cfg.eval.reference_size, cfg.eval.seed) for name, p in eval_sets.items()}
-        eval_metrics = EvalMetrics(device, cfg.eval.feature_space, {k: v for k, v in refs.items() if v is not None})
-    logger = RunLogger(run_dir, enabled=dist.is_main)
-    if dist.is_main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    log.info("run directory: %s", run_dir)
-    log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d", algo_name, reward.name, cfg.model.pretrained,
-             len(prompts), cfg.epochs)
-
-    def train_queries() -> int:  # reward queries spent on training, summed over processes
-        return (reward.queries - loop["eval_queries"]) * dist.world
-
-    def wall() -> float:
-        return loop["wall_before"] + time.perf_counter() - start
-
-    def cpu() -> float:  # CPU seconds of this process: a budget that other jobs on the machine do not eat
-        return loop["cpu_before"] + time.process_time() - cpu_start
-
-    def run_eval(step: int) -> dict:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        before = reward.queries
-        results, per_sample = {}, {}
-        for name, set_prompts in eval_sets.items():
-            stats, sample_rewards, images = evaluate(policy, reward, set_prompts, metrics=eval_metrics, name=name,
-                                                     samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
-            results[name] = stats
-            per_sample[name] = [round(float(r), 5) for r in sample_rewards]  # for head-to-head comparisons
-            logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
-                               nrow=cfg.eval.samples_per_prompt * 2)
-        loop["eval_queries"] += reward.queries - before
-        loop["eval_seconds"] += time.perf_counter() - t0
-        loop["eval_cpu_seconds"] += time.process_time() - cpu0
-        for name, stats in results.items():
-            logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
-                        "reward_queries": train_queries(), "wall_s": wall(),
-                        "train_cpu_s": cpu() - loop["eval_cpu_seconds"], "sample_rewards": per_sample[name]})
-        loop["last_eval"], loop["last_eval_step"] = results, step
-        return results
-
-    def write_checkpoint() -> None:
-        loop["wall_before"], loop["cpu_before"] = wall(), cpu()
-        state = {"algorithm": algorithm.state_dict(), "env_rng": env.rng.get_state(), "rng": rng_state(),
-                 "reward_queries": reward.queries, "loop": json.dumps(loop)}
-        if dist.is_main:  # every process holds the same state: the generators draw global batches
-            save_checkpoint(run_dir, loop["epoch"], state, policy, keep_last=int(cfg.checkpoint.keep_last))
-        nonlocal start, cpu_start
-        start, cpu_start = time.perf_counter(), time.process_time()
-
-    # 3. the base model on the evaluation seeds (a resumed run recomputes its samples for FID / win rate)
-    if eval_metrics is not None and loop["base"] is not None:
-        for name, set_prompts in eval_sets.items():
-            images, flat, _ = sample_fixed(policy, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
-                                           seed=cfg.eval.seed, use_reference=True)
-            eval_metrics.set_base(name, images, reward.fn(images, flat).float())
-    if loop["base"] is None:
-        loop["base"] = run_eval(0)
-        log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in loop["base"].items()})
-
-    if checkpoint is not None:  # last, so that nothing above (metric networks, base samples) shifts the RNGs
-        set_rng_state(saved["rng"])
-    # the training clocks (re)start here: loading, metric set-up and the base samples are not training
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if loop["epoch"] == 0:
-        loop["eval_seconds"] = loop["eval_cpu_seconds"] = 0.0
-
-    # 4. collect → update, with non-finite updates skipped and SIGINT/SIGTERM handled between updates
-    from tqdm.auto import tqdm
-
-    interrupted = False
-    with StopRequest() as stop:
-        bar = tqdm(range(loop["epoch"] + 1, cfg.epochs + 1), desc=algo_name, disable=not cfg.progress, dynamic_ncols=True)
-        for epoch in bar:
-            batch = algorithm.collect(env)
-            record = {"step": epoch, "phase": "train"}
-            rewards = terminal_rewards(batch) if keys.NEXT in batch.keys() and batch.batch_dims == 2 else None
-            rewards = dist.gather(rewards) if rewards is not None else None
-            if rewards is not None:
-                record.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std(unbiased=False)))
-            snapshot = copy.deepcopy((algorithm.state_dict(), trainable_state(policy)))
-            if rewards is not None and not torch.isfinite(rewards).all():
-                metrics, ok = {}, False
-                log.warning("epoch %d: non-finite reward in the batch; update skipped", epoch)
-            else:
-                metrics = algorithm.update(batch)
-                ok = is_finite_update(metrics, policy)
-                if not ok:
-                    log.warning("epoch %d: non-finite loss or weights; update undone and skipped", epoch)
-                    algorithm.load_state_dict(snapshot[0])
-                    load_trainable_state(policy, snapshot[1])
-            if not ok:
-                loop["skipped"] += 1
-                if loop["skipped"] > cfg.max_skipped_updates:
-                    raise TrainingAborted(f"{loop['skipped']} updates were skipped for non-finite rewards or losses "
-                                          f"(max_skipped_updates={cfg.max_skipped_updates}). Lower the learning rate "
-                                          "or check the reward; the last checkpoint is intact.")
-            record.update(metrics)
-            record.update({"train/skipped_updates": loop["skipped"], "reward_queries": train_queries(),
-                           "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
-                           "train_cpu_s": cpu() - loop["eval_cpu_seconds"]})
-            logger.log(record)
-            loop["epoch"] = epoch
-            bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
-            query_evals = record["reward_queries"] // cfg.eval.every_queries if cfg.eval.get("every_queries") else 0
-            by_epoch = cfg.eval.every and epoch % cfg.eval.every == 0
-            if (by_epoch or query_evals > loop["query_evals"]) and epoch != cfg.epochs:
-                run_eval(epoch)
-            loop["query_evals"] = query_evals
-            spent = {"reward_queries": record["reward_queries"], "train_seconds": record["train_wall_s"],
-                     "train_cpu_seconds": record["train_cpu_s"]}
-            over = [k for k, limit in cfg.budget.items() if limit is not None and spent[k] >= limit]
-            if over and epoch != cfg.epochs:
-                log.info("budget reached (%s) after epoch %d", ", ".join(over), epoch)
-                break
-            if stop.requested:
-                write_checkpoint()
-                interrupted = True
-                log.warning("stopped after epoch %d; continue with resume=%s", epoch, run_dir)
-                break
-            if cfg.checkpoint.every and epoch % cfg.checkpoint.every == 0 and epoch != cfg.epochs:
-                write_checkpoint()
-    if interrupted:
-        logger.close()
-        return {}
-    final = loop["last_eval"] if loop["last_eval_step"] == loop["epoch"] > 0 else run_eval(loop["epoch"])
-    write_checkpoint()
-
-    # 5. outputs
-    if cfg.save_lora and dist.is_main:
-        policy.save_pretrained_lora(run_dir / "lora")
-    base = loop["base"]
-    summary = {
-        "algo": algo_name, "reward": reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
-        "epochs": int(loop["epoch"]), "reward_queries": train_queries(),
-        "wall_s": wall(), "train_wall_s": wall() - loop["eval_seconds"],
-        "train_cpu_s": cpu() - loop["eval_cpu_seconds"], "skipped_updates": loop["skipped"],
-        "eval_seed": int(cfg.eval.seed), "base": base, "final": final,
-        "improvement": {k: final[k]["reward_mean"] - base[k]["reward_mean"] for k in final},
-    }
-    logger.write_json("summary.json", summary)
-    logger.close()
-    log.info("final eval: %s (base %s)", {k: round(v["reward_mean"], 4) for k, v in final.items()},
-             {k: round(v["reward_mean"], 4) for k, v in base.items()})
-    return summary
-
-
+    trainer = Trainer(cfg, run_dir)
+    trainer.build()
+    return trainer.fit()
