@@ -102,8 +102,6 @@ def alignprop_loss(rewards: torch.Tensor, *, scale: float, target: float | None 
 
 @register_algorithm("alignprop", config=AlignPropConfig)
 class AlignProp(RewardBackprop):
-    name = "alignprop"
-
     def loss(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
         cfg = self.config
         b = truncation_start(self.num_steps, strategy=cfg.truncation, generator=self.generator, mean=cfg.trunc_mean,

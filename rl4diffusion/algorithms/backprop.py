@@ -42,7 +42,7 @@ from tensordict import TensorDictBase
 from torch.utils.checkpoint import checkpoint
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer
+from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, check_minibatch
 from rl4diffusion.errors import ConfigError
 
 
@@ -66,10 +66,7 @@ class BackpropConfig:
     """DDIM η of the differentiable chain; None uses the model's (model.eta)."""
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ConfigError(
-                f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size ({self.batch_size})."
-            )
+        check_minibatch(self.batch_size, self.minibatch_size)
         if self.lr <= 0 or self.max_grad_norm <= 0:
             raise ConfigError(f"algo.lr ({self.lr}) and algo.max_grad_norm ({self.max_grad_norm}) must be > 0.")
         if self.eta is not None and self.eta < 0:
@@ -159,9 +156,7 @@ class RewardBackprop(Algorithm):
     requires_differentiable_reward = True
 
     def __init__(self, config: BackpropConfig, policy, reward, *, seed: int = 0):
-        super().__init__(policy, reward)
-        self.config = config
-        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        super().__init__(policy, reward, config)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.prompts: list[str] = []
         self.num_steps = len(policy.timesteps)

@@ -80,11 +80,17 @@ class Algorithm:
     requires_differentiable_reward: ClassVar[bool] = False
     distributed = None  # set by the trainer in multi-process runs: rank, world, gather (see training/trainer.py)
 
-    def __init__(self, policy, reward):
+    def __init__(self, policy, reward, config=None):
+        """Keep the primitives; with ``config``, also the config and ``self.optimizer``: AdamW over the policy's
+        trainable weights at ``config.lr`` and ``config.weight_decay`` (0 when the config has none)."""
         check_reward_compatible(type(self), reward)
         self.policy = policy
         self.reward = reward
         self._conditioning: dict[str, torch.Tensor] = {}
+        if config is not None:
+            self.config = config
+            self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr,
+                                            weight_decay=getattr(config, "weight_decay", 0.0))
 
     # ---------------------------------------------------------------- conditioning of stored trajectories
     def remember_prompts(self, prompts) -> None:
@@ -156,6 +162,13 @@ def make_optimizer(params, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 
     if not params:
         raise ConfigError("no trainable parameters: check model.train_mode and model.lora_targets")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+def check_minibatch(batch_size: int, minibatch_size: int) -> None:
+    """Refuse a minibatch size that does not divide the batch (every optimisation step sees a full minibatch)."""
+    if batch_size < 1 or minibatch_size < 1 or batch_size % minibatch_size:
+        raise ConfigError(f"algo.minibatch_size ({minibatch_size}) must be ≥ 1 and divide algo.batch_size "
+                          f"({batch_size}).")
 
 
 def build_config(config_cls, options: dict, algo_name: str):

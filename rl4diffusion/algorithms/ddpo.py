@@ -26,7 +26,12 @@ import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer, register_algorithm
+from rl4diffusion.algorithms.base import (
+    Algorithm,
+    OptimisationStep,
+    check_minibatch,
+    register_algorithm,
+)
 from rl4diffusion.algorithms.losses import clipped_surrogate
 from rl4diffusion.data import PerPromptStatTracker, collect_trajectories, minibatches, terminal_rewards
 
@@ -61,10 +66,7 @@ class DDPOConfig:
     def validate(self) -> None:
         from rl4diffusion.errors import ConfigError
 
-        if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ConfigError(
-                f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size ({self.batch_size})"
-            )
+        check_minibatch(self.batch_size, self.minibatch_size)
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.lr <= 0 or self.clip_range <= 0 or self.num_inner_epochs < 1:
@@ -85,12 +87,8 @@ def ddpo_loss(
 
 @register_algorithm("ddpo", config=DDPOConfig)
 class DDPO(Algorithm):
-    name = "ddpo"
-
     def __init__(self, config: DDPOConfig, policy, reward, *, seed: int = 0):
-        super().__init__(policy, reward)
-        self.config = config
-        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        super().__init__(policy, reward, config)
         self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
 

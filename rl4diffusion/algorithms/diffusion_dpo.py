@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer, register_algorithm
+from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, check_minibatch, register_algorithm
 from rl4diffusion.data import make_replay_buffer, minibatches
 from rl4diffusion.errors import ConfigError
 
@@ -82,9 +82,7 @@ class PreferenceConfig:
     """Pairs sampled per batch when generating AI-feedback pairs (also images per VAE call when encoding)."""
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ConfigError(f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size "
-                              f"({self.batch_size})")
+        check_minibatch(self.batch_size, self.minibatch_size)
         if self.lr <= 0 or self.num_inner_epochs < 1 or self.max_grad_norm <= 0:
             raise ConfigError("algo.lr and algo.max_grad_norm must be > 0 and algo.num_inner_epochs ≥ 1")
         if not 0 <= self.caption_dropout < 1:
@@ -168,14 +166,11 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_t: torch.Tensor
 class DiffusionDPO(Algorithm):
     """Diffusion-DPO over pairs sampled from the shared replay buffer; subclasses change ``loss_terms``."""
 
-    name = "diffusion_dpo"
     uses_reference = True
 
     def __init__(self, config: PreferenceConfig, policy, reward, *, seed: int = 0):
-        super().__init__(policy, reward)
-        self.config = config
+        super().__init__(policy, reward, config)
         self.seed = seed
-        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.sampler_generator = torch.Generator(device=policy.device).manual_seed(seed + 1)
         self.data = None
@@ -301,7 +296,6 @@ def error_diagnostics(mw, ml, rw, rl) -> dict[str, torch.Tensor]:
 class SFT(DiffusionDPO):
     """Supervised fine-tuning on the preferred images only (Diffusion-DPO's baseline); no reference pass."""
 
-    name = "sft"
     uses_reference = False
 
     def loss_terms(self, pairs: TensorDictBase) -> dict[str, torch.Tensor]:

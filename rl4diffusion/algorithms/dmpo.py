@@ -70,8 +70,6 @@ def dmpo_loss(
 
 @register_algorithm("dmpo", config=DMPOConfig)
 class DMPO(DiffusionDPO):
-    name = "dmpo"
-
     def loss_terms(self, pairs: TensorDictBase) -> dict[str, torch.Tensor]:
         fwd = self.pair_forward(pairs)
         mw, ml = fwd.model_err.chunk(2)

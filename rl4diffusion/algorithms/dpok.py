@@ -49,7 +49,6 @@ from rl4diffusion.algorithms.base import (
     Algorithm,
     OptimisationStep,
     TrainedModule,
-    make_optimizer,
     register_algorithm,
 )
 from rl4diffusion.algorithms.losses import clipped_surrogate, gaussian_mean_kl
@@ -196,12 +195,8 @@ class ValueNet(nn.Module):
 
 @register_algorithm("dpok", config=DPOKConfig)
 class DPOK(Algorithm):
-    name = "dpok"
-
     def __init__(self, config: DPOKConfig, policy, reward, *, seed: int = 0):
-        super().__init__(policy, reward)
-        self.config = config
-        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        super().__init__(policy, reward, config)
         embed_dim = policy.encode_prompts([""]).shape[-1]
         self.value_net = ValueNet(policy.latent_shape[0], embed_dim, len(policy.timesteps), config.value_hidden)
         self.value_net.to(policy.device)

@@ -88,8 +88,6 @@ def lv_renoise(x0: torch.Tensor, alpha_bar: torch.Tensor | float, noise: torch.T
 
 @register_algorithm("draft", config=DRaFTConfig)
 class DRaFT(RewardBackprop):
-    name = "draft"
-
     def __init__(self, config: DRaFTConfig, policy, reward, *, seed: int = 0):
         super().__init__(config, policy, reward, seed=seed)
         self.grad_start = draft_grad_start(self.num_steps, config.k)  # fails at start-up if k > N

@@ -34,7 +34,12 @@ import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.base import Algorithm, OptimisationStep, make_optimizer, register_algorithm
+from rl4diffusion.algorithms.base import (
+    Algorithm,
+    OptimisationStep,
+    check_minibatch,
+    register_algorithm,
+)
 from rl4diffusion.algorithms.losses import clipped_surrogate, gaussian_mean_kl
 from rl4diffusion.data import collect_trajectories, minibatches, terminal_rewards
 from rl4diffusion.data.sampler import GroupedPromptSampler
@@ -86,9 +91,7 @@ class GRPOConfig:
                 f"size (e.g. algo.batch_size={max(1, self.batch_size // self.group_size) * self.group_size or self.group_size}) "
                 "or a group size that divides it."
             )
-        if self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ConfigError(f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size "
-                              f"({self.batch_size}).")
+        check_minibatch(self.batch_size, self.minibatch_size)
         if not 0 < self.timestep_fraction <= 1:
             raise ConfigError(f"algo.timestep_fraction must be in (0, 1], got {self.timestep_fraction}")
         if self.lr <= 0 or self.clip_range <= 0 or self.num_inner_epochs < 1 or self.beta < 0 or self.std_eps <= 0:
@@ -133,18 +136,9 @@ def groups_with_signal(advantages: torch.Tensor, group_ids: torch.Tensor) -> tor
     return nonzero[inverse] > 0
 
 
-def grpo_loss(
-    log_prob: torch.Tensor,
-    old_log_prob: torch.Tensor,
-    advantages: torch.Tensor,
-    mean: torch.Tensor,
-    ref_mean: torch.Tensor,
-    std: torch.Tensor,
-    *,
-    clip_range: float,
-    beta: float,
-    reduction: str = "mean",
-) -> dict[str, torch.Tensor]:
+def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, mean: torch.Tensor,
+              ref_mean: torch.Tensor, std: torch.Tensor, *, clip_range: float, beta: float,
+              reduction: str = "mean") -> dict[str, torch.Tensor]:
     """GRPO's per-step loss: PPO-clip on group-relative advantages plus β·KL to the reference.
 
         loss_policy = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)))                 (``clipped_surrogate``; PPO eq. 7)
@@ -167,13 +161,9 @@ def grpo_loss(
 
 @register_algorithm("grpo", config=GRPOConfig)
 class GRPO(Algorithm):
-    name = "grpo"
-
     def __init__(self, config: GRPOConfig, policy, reward, *, seed: int = 0):
-        super().__init__(policy, reward)
-        self.config = config
+        super().__init__(policy, reward, config)
         self.seed = seed
-        self.optimizer = make_optimizer(policy.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.order_generator = torch.Generator(device=policy.device).manual_seed(seed + 1)  # the minibatch order
         self.sampler: GroupedPromptSampler | None = None  # built on the first collect (needs the prompt count)

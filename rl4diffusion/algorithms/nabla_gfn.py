@@ -55,6 +55,7 @@ from rl4diffusion.algorithms.base import (
     Algorithm,
     OptimisationStep,
     TrainedModule,
+    check_minibatch,
     make_optimizer,
     register_algorithm,
 )
@@ -114,10 +115,7 @@ class NablaGFNConfig:
     """Gradient-norm clip, applied separately to the LoRA weights and to φ."""
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.minibatch_size < 1 or self.batch_size % self.minibatch_size:
-            raise ConfigError(
-                f"algo.minibatch_size ({self.minibatch_size}) must be ≥ 1 and divide algo.batch_size ({self.batch_size})."
-            )
+        check_minibatch(self.batch_size, self.minibatch_size)
         if not 0 <= self.timestep_fraction <= 1:
             raise ConfigError(f"algo.timestep_fraction must be in [0, 1], got {self.timestep_fraction}.")
         if min(self.lr, self.flow_lr, self.max_grad_norm) <= 0 or self.num_inner_epochs < 1:
@@ -288,7 +286,6 @@ class _RecordingActor:
 
 @register_algorithm("nabla_gfn", config=NablaGFNConfig)
 class NablaGFN(Algorithm):
-    name = "nabla_gfn"
     requires_differentiable_reward = True
 
     def __init__(self, config: NablaGFNConfig, policy, reward, *, seed: int = 0):

@@ -105,8 +105,6 @@ def refl_start_index(num_steps: int, start_range, generator: torch.Generator) ->
 
 @register_algorithm("refl", config=ReFLConfig)
 class ReFL(RewardBackprop):
-    name = "refl"
-
     def __init__(self, config: ReFLConfig, policy, reward, *, seed: int = 0):
         super().__init__(config, policy, reward, seed=seed)
         if config.reg_weight > 0 and (policy.height, policy.width) != (32, 32):

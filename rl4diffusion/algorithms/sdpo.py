@@ -177,7 +177,6 @@ def importance_diagnostics(u, log_weight_w, log_weight_l, keep, clip_epsilon) ->
 class DPOCM(DiffusionDPO):
     """DPO-C&M (experimental): Diffusion-DPO with clipped, masked importance weights on the loss."""
 
-    name = "dpo_cm"
     _loss_fn = staticmethod(dpo_cm_loss)
 
     def loss_terms(self, pairs: TensorDictBase) -> dict[str, torch.Tensor]:
@@ -204,5 +203,4 @@ class DPOCM(DiffusionDPO):
 class SDPO(DPOCM):
     """SDPO (experimental): importance-weighted log-ratio terms inside DPO's sigmoid."""
 
-    name = "sdpo"
     _loss_fn = staticmethod(sdpo_loss)
