@@ -10,6 +10,7 @@ import json
 import string
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -152,5 +153,95 @@ def make_random_sdxl_pipeline(seed: int = 0):
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SD15_SCALES = ("full", "tiny")
+
+
+def random_sd15_configs(scale: Literal["full", "tiny"] = "full") -> dict[str, dict]:
+    """Constructor arguments of the components of ``make_random_sd15_pipeline`` at ``scale``.
+
+    ``"full"``: the UNet is SD1.5's published UNet2DConditionModel (block_out_channels
+    (320, 640, 1280, 1280), two layers per block, attention_head_dim 8 — diffusers' legacy name for
+    8 heads —, cross-attention width 768, 64×64×4 latents; 859,520,964 parameters, as SD1.5's). The
+    text encoder keeps SD1.5's width 768 (the UNet cross-attends to it) and its 77 positions but
+    has 2 layers instead of 12 and an MLP of 1536 instead of 3072; its tokenizer is
+    ``make_char_tokenizer``'s (one token per character), not CLIP's BPE. The VAE keeps SD1.5's 4
+    latent channels, 8× downscale (4 blocks → 512×512 images) and scaling factor 0.18215, at widths
+    (32, 64, 64, 64) with one layer per block instead of (128, 256, 512, 512) × 2: a real VAE
+    decode costs far more than a smoke test needs.
+
+    ``"tiny"``: the same block types and depth at toy widths (8×8 latents, 64×64 images) for a CPU.
+
+    Returns:
+        {"unet": ..., "text_encoder": ..., "vae": ..., "scheduler": ..., "tokenizer": ...}: keyword
+        arguments of UNet2DConditionModel, CLIPTextConfig (minus the tokenizer-dependent ids),
+        AutoencoderKL, PNDMScheduler (SD1.5's scheduler config) and ``make_char_tokenizer``.
+    """
+    if scale not in SD15_SCALES:
+        raise ValueError(f"scale must be one of {SD15_SCALES}, got {scale!r}")
+    full = scale == "full"
+    width = 768 if full else 32  # text encoder width = the UNet's cross_attention_dim
+    max_length = 77 if full else 32  # character tokens: "a yellow triangle" is 17 with BOS and EOS
+    return {
+        "unet": dict(
+            sample_size=64 if full else 8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280) if full else (16, 16, 32, 32),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=width, attention_head_dim=8 if full else 2, norm_num_groups=32 if full else 8,
+        ),
+        "text_encoder": dict(
+            hidden_size=width, intermediate_size=1536 if full else 64, num_hidden_layers=2 if full else 1,
+            num_attention_heads=12 if full else 2, max_position_embeddings=max_length,
+            hidden_act="quick_gelu", projection_dim=width,
+        ),
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4,
+            block_out_channels=(32, 64, 64, 64) if full else (8, 8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, norm_num_groups=32 if full else 4, sample_size=512 if full else 64,
+            scaling_factor=0.18215,
+        ),
+        "scheduler": dict(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+        ),
+        "tokenizer": dict(model_max_length=max_length),
+    }
+
+
+def make_random_sd15_pipeline(seed: int = 0, *, scale: Literal["full", "tiny"] = "full"):
+    """A StableDiffusionPipeline with random weights and SD1.5's UNet (sizes: ``random_sd15_configs``).
+
+    ``scale="full"`` builds the real-size UNet (~860 M parameters, 3.4 GB in float32: build it
+    where that fits); ``scale="tiny"`` the same architecture at toy widths, for tests on a CPU. The
+    scheduler is SD1.5's PNDMScheduler config, which ``DiffusionPolicy`` turns into DDIM as it
+    does for the real model.
+
+    Example::
+
+        pipe = make_random_sd15_pipeline(scale="tiny")
+        pipe.save_pretrained("/tmp/sd15_tiny")  # python -m rl4diffusion.train model=path:/tmp/sd15_tiny
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = random_sd15_configs(scale)
+    torch.manual_seed(seed)
+    tokenizer = make_char_tokenizer(**configs["tokenizer"])
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), eos_token_id=1, bos_token_id=0, pad_token_id=1,
+                       **configs["text_encoder"])
+    )
+    unet = UNet2DConditionModel(**configs["unet"])
+    vae = AutoencoderKL(**configs["vae"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**configs["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
