@@ -117,6 +117,9 @@ def build_accelerator(cfg: DictConfig, run_dir: Path):
         AcceleratorState._reset_state(reset_partial_state=False)
         GradientState._reset_state()
     device = resolve_device(str(cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device} but this machine has no CUDA device (torch sees none); use "
+                          "device=cpu or device=auto.")
     precision = str(cfg.get("mixed_precision", "no"))
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision=fp16 needs a GPU (fp16 autocast with gradient scaling is CUDA's); on a "
@@ -156,6 +159,7 @@ class Trainer:
 
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
+        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint INFO lines are noise here
         self.run_dir = prepare_run_dir(cfg, self.run_dir)
         self.accelerator = build_accelerator(cfg, self.run_dir)
         from rl4diffusion.training.distributed import Distributed
