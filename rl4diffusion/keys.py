@@ -1,7 +1,12 @@
 """The TensorDict keys every rl4diffusion component reads and writes, declared once.
 
 A trajectory batch has batch size [B, T] (torchrl convention: step outputs live under
-"next"). A preference batch has batch size [B]. See DESIGN.md for the table.
+"next"). A preference batch has batch size [B]. The comment beside each key gives its shape per
+element and its meaning; the README's "TensorDict keys" section lists the same keys.
+
+The environment's own states (``DenoisingEnv.reset``/``step``, ``env.rollout``) carry
+PROMPT_EMBEDS; a stored trajectory (``rl4diffusion.data.collect_trajectories``) keeps only
+PROMPT_ID and looks the conditioning up per prompt (TRAJECTORY_KEYS below).
 """
 
 # --- trajectories, batch [B, T] -------------------------------------------------------

@@ -49,7 +49,9 @@ class DenoisingCore:
         rank, world = self.policy.process_slice  # draw for the global batch, keep this process's rows
         local = slice(rank * batch_size, (rank + 1) * batch_size)
         if prompt_ids is None:
-            prompt_ids = torch.randint(len(self.prompts), (batch_size * world,), generator=generator, device=device)[local]
+            drawn = torch.randint(len(self.prompts), (batch_size * world,), generator=generator,
+                                  device=device)
+            prompt_ids = drawn[local]
         prompt_ids = prompt_ids.to(device).long()
         if latents is None:
             latents = self.policy.draw_noise((batch_size, *self.policy.latent_shape), generator)
@@ -83,10 +85,12 @@ class DenoisingCore:
         reward = torch.zeros(action.shape[0], device=action.device)
         if bool(done.all()):
             images = self.policy.decode(action)
-            reward = self.reward(images, self.prompts_of(state[keys.PROMPT_ID])).detach().float().to(action.device)
+            reward = self.reward(images, self.prompts_of(state[keys.PROMPT_ID]))
+            reward = reward.detach().float().to(action.device)
             self.last_images = images
         elif bool(done.any()):
-            raise RuntimeError("states of one batch reached the terminal step at different times; reset them together")
+            raise RuntimeError("states of one batch reached the terminal step at different times; "
+                               "reset them together")
         next_state = {
             keys.LATENTS: action,
             keys.TIMESTEP: torch.where(done, torch.zeros_like(next_t), next_t),

@@ -20,11 +20,25 @@ class DenoisingEnv(EnvBase):
     and/or "latents" [B, C, h, w] (the initial noise); whatever is absent is drawn from the
     environment's generator (``set_seed``).
 
+    ``policy.act`` reads and writes the TensorDict keys itself, so torchrl is told to pass it the
+    TensorDict as it is (``trust_policy=True``) rather than to wrap it in a module built from the
+    observation spec. One rollout of ``num_steps`` steps is one batch of whole chains; a collector
+    runs chain after chain, resetting the chains that are done.
+
     Example::
 
         env = DenoisingEnv(policy, reward, prompts=["a red circle"], batch_size=4)
-        td = env.rollout(policy.config.num_steps, policy.act, break_when_any_done=False)
+        td = env.rollout(policy.config.num_steps, policy.act, break_when_any_done=False, trust_policy=True)
         td.batch_size  # torch.Size([4, 20]);  td["next", "reward"][:, -1] holds r(x₀, c)
+
+        from torchrl.collectors import Collector  # SyncDataCollector in older torchrl
+
+        frames = env.batch_size[0] * policy.config.num_steps  # one batch of chains per iteration
+        collector = Collector(env, policy.act, frames_per_batch=frames, total_frames=2 * frames,
+                              trust_policy=True)
+        for batch in collector:  # TensorDict [4, 20], the env's layout plus ("collector", "traj_ids")
+            ...
+        collector.shutdown()
     """
 
     def __init__(self, policy, reward, prompts: Sequence[str], *, batch_size: int = 8):
@@ -69,10 +83,12 @@ class DenoisingEnv(EnvBase):
         n = self.batch_size[0]
         given = tensordict if tensordict is not None else {}
         state = self.core.reset(
-            n, prompt_ids=given.get(keys.PROMPT_ID, None), latents=given.get(keys.LATENTS, None), generator=self.rng
+            n, prompt_ids=given.get(keys.PROMPT_ID, None), latents=given.get(keys.LATENTS, None),
+            generator=self.rng,
         )
         false = torch.zeros(n, 1, dtype=torch.bool, device=self.device)
-        return TensorDict({**state, keys.DONE: false, keys.TERMINATED: false.clone()}, batch_size=self.batch_size)
+        done = {keys.DONE: false, keys.TERMINATED: false.clone()}
+        return TensorDict({**state, **done}, batch_size=self.batch_size)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         state = {k: tensordict[k] for k in self.core_state_keys}
