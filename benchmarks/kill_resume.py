@@ -3,9 +3,12 @@
     python benchmarks/kill_resume.py [--trials 10] [--model /path/to/pipeline]
 
 Each trial: start a run, SIGKILL it after a random delay, resume from its run directory (the
-latest complete checkpoint), possibly several times, and finally compare its metrics.jsonl (without
-wall-clock fields) with an uninterrupted run of the same config. Writes
-benchmarks/results/kill_resume.md.
+newest valid checkpoint), possibly several times, and finally compare its metrics.jsonl (without
+wall-clock fields) with an uninterrupted run of the same config. The delays start at 5 % of a run, so
+some kills land in start-up: while the run directory is locked, its run_state.json or Hydra's files are
+written, or before the first checkpoint (then the resume starts the run over: ``resume_restart=true``).
+Every run that was not killed must exit 0, the finished run's run_state.json must say so, and no run may
+leave a directory of Hydra's own. Writes benchmarks/results/kill_resume.md.
 """
 
 from __future__ import annotations
@@ -31,10 +34,18 @@ def overrides(model: str) -> list[str]:
             "algo.lr=1e-2", "checkpoint.every=1", "threads=1", "progress=false"]
 
 
-def launch(args: list[str]) -> subprocess.Popen:
+def launch(args: list[str], cwd: Path, stderr=subprocess.DEVNULL) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rl4diffusion.train", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "rl4diffusion.train", *args], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def started(run_dir: Path, pid: int) -> bool:
+    """Whether process ``pid`` got past its start-up (the lock, the checks) and recorded itself as running."""
+    try:
+        return json.loads((run_dir / "run_state.json").read_text())["pid"] == pid
+    except (OSError, ValueError):
+        return False
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -58,33 +69,49 @@ def main() -> None:
         make_random_sd_pipeline().save_pretrained(model)
     reference = work / "reference"
     subprocess.run([sys.executable, "-m", "rl4diffusion.train", *overrides(model), f"hydra.run.dir={reference}"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, cwd=work)
     t0 = time.time()
-    launch([*overrides(model), f"hydra.run.dir={work / 'timing'}"]).wait()
+    launch([*overrides(model), f"hydra.run.dir={work / 'timing'}"], work).wait()
     full = time.time() - t0
     rows = []
     for trial in range(args.trials):
         run_dir = work / f"trial_{trial}"
-        kills, extra = 0, []
+        kills, early, extra = 0, 0, []
         while not (run_dir / "summary.json").exists():
-            proc = launch([*overrides(model), *extra, f"hydra.run.dir={run_dir}"])
-            if kills < 3:
-                time.sleep(rng.uniform(0.3, 1.0) * full)
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    kills += 1
-            proc.wait()
+            with open(work / "stderr.txt", "w+") as err:
+                proc = launch([*overrides(model), *extra, f"hydra.run.dir={run_dir}"], work, stderr=err)
+                killed = False
+                if kills < 3:
+                    time.sleep(rng.uniform(0.05, 1.0) * full)
+                    if proc.poll() is None:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        kills, killed = kills + 1, True
+                        early += not started(run_dir, proc.pid)
+                if proc.wait() != 0 and not killed:
+                    err.seek(0)
+                    sys.exit(f"trial {trial}: a run that was not killed exited {proc.returncode}:\n"
+                             f"{err.read()[-3000:]}")
             if (run_dir / "config.yaml").exists():
-                extra = [f"resume={run_dir}"]
-        same = metrics(run_dir) == metrics(reference)
-        rows.append((trial, kills, same))
-        print(f"trial {trial}: {kills} kills, metrics identical: {same}", flush=True)
+                extra = [f"resume={run_dir}", "resume_restart=true"]  # no complete checkpoint yet: start over
+        restarts = len(list(run_dir.glob("before_restart_*")))
+        state = json.loads((run_dir / "run_state.json").read_text())
+        same = (metrics(run_dir) == metrics(reference) and state["state"] == "finished"
+                and state["exit_code"] == 0 and not (work / "runs").exists())
+        rows.append((trial, kills, early, restarts, same))
+        print(f"trial {trial}: {kills} kills ({early} in start-up), {restarts} restarts, metrics identical: "
+              f"{same}", flush=True)
     ok = sum(same for *_, same in rows)
     report = ["# Kill and resume", "",
-              f"{args.trials} trials of a 6-epoch DDPO run (checkpoint every epoch), each SIGKILLed up to 3 times at "
-              f"random moments (uniform over 30–100 % of an uninterrupted run's {full:.0f} s) and resumed. "
-              "*identical* compares metrics.jsonl with an uninterrupted run, wall-clock fields aside.", "",
-              "| trial | kills | identical |", "|---|---|---|", *[f"| {t} | {k} | {s} |" for t, k, s in rows], "",
+              f"{args.trials} trials of a 6-epoch DDPO run (checkpoint every epoch), each SIGKILLed up to 3 "
+              f"times at random moments (uniform over 5–100 % of an uninterrupted run's {full:.0f} s, "
+              "start-up included: the lock, run_state.json and Hydra's files) and resumed. *identical*: "
+              "metrics.jsonl equals an uninterrupted run's, wall-clock fields aside, run_state.json says "
+              "finished with exit code 0, and no other run directory appeared. *in start-up*: kills before "
+              "the process had locked the directory, checked it and recorded itself in run_state.json. "
+              "*restarts*: resumes that found no complete checkpoint yet and started over "
+              "(`resume_restart=true`).", "",
+              "| trial | kills | in start-up | restarts | identical |", "|---|---|---|---|---|",
+              *[f"| {t} | {k} | {e} | {r} | {s} |" for t, k, e, r, s in rows], "",
               f"**{ok}/{args.trials} trials lost nothing.**"]
     out = Path(__file__).parent / "results" / "kill_resume.md"
     out.parent.mkdir(parents=True, exist_ok=True)

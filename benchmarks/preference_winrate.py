@@ -123,7 +123,7 @@ def main() -> None:
                                                           seed=eval_seed, base=True))
         for method in args.methods:
             summary = summaries[(method, seed)]
-            state = load_file(str(latest_checkpoint(work / f"{method}_s{seed}") / "trainable.safetensors"))
+            state = load_file(str(latest_checkpoint(work / f"{method}_s{seed}") / "accelerate" / "trainable.safetensors"))
             load_trainable_state(policy, state)
             for name, prompts in prompt_sets.items():
                 rewards[method][name].append(rewards_on_seeds(policy, reward, prompts, samples=args.samples,

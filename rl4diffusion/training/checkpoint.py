@@ -12,18 +12,30 @@ Layout::
     <run>/checkpoints/step_000010/state.pt                 algorithm + environment RNG + loop state
     <run>/checkpoints/step_000010/lora/                    the adapter in diffusers format
     <run>/checkpoints/latest                               "step_000010"
+
+A resume takes the newest checkpoint that verifies (``latest_checkpoint``): each ``step_*`` directory,
+newest first, must have a ``state.pt`` that ``torch.load(weights_only=True)`` reads, a
+``trainable.safetensors`` that safetensors reads, and accelerate's optimiser and RNG files. A broken one is
+skipped with a warning that names it. ``latest`` is only a hint, but one that points outside the run's
+``checkpoints/`` is refused.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from rl4diffusion.errors import ConfigError
+
+STEP_NAME = re.compile(r"step_(\d+)")
+log = logging.getLogger("rl4diffusion.train")
 
 
 def trainable_state(policy) -> dict[str, torch.Tensor]:
@@ -49,7 +61,7 @@ def save_trainable(policy, directory: str | Path) -> None:
 def load_trainable(policy, directory: str | Path) -> None:
     try:
         tensors = load_file(str(Path(directory) / "trainable.safetensors"))
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         raise ConfigError(f"could not read the trainable weights in {directory}: {e}") from None
     load_trainable_state(policy, tensors)
 
@@ -75,7 +87,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, policy, acceler
     if main:
         torch.save(state, tmp / "state.pt")
         policy.save_pretrained_lora(tmp / "lora")
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)  # contents first: the rename must never publish files still in the page cache
         if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -83,21 +95,88 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, policy, acceler
         pointer_tmp.write_text(name)
         os.replace(pointer_tmp, root / "latest")  # the pointer moves last
         _fsync_dir(root)
-        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        # prune among the steps up to this one: a newer step_* is a broken leftover that a resume skipped (it
+        # is replaced when training gets there), and counting it would delete a valid one instead
+        steps = sorted((p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and int(p.name[5:]) <= step),
+                       key=lambda p: int(p.name[5:]))
         for old in steps[:-keep_last] if keep_last > 0 else []:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be resumed from, or None when it can (every file is read back)."""
+    accelerate = path / "accelerate"
+    for required in ("optimizer.bin", "random_states_0.pkl"):
+        if not (accelerate / required).is_file():
+            return f"accelerate/{required} is missing"
+    try:
+        torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as e:  # EOFError, UnpicklingError, …: any of them means the file is unusable
+        return f"state.pt is unreadable ({type(e).__name__}: {e})"
+    try:
+        with safe_open(str(accelerate / "trainable.safetensors"), framework="pt") as f:
+            for name in f.keys():  # one tensor at a time: a full fine-tune's weights need not fit twice
+                f.get_tensor(name)
+    except Exception as e:
+        return f"accelerate/trainable.safetensors is unreadable ({type(e).__name__}: {e})"
+    return None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that verifies (``checkpoint_problem``), or None.
+
+    Raises:
+        ConfigError: ``checkpoints/latest`` or a ``step_*`` entry points outside ``<run_dir>/checkpoints``
+            (into another run, say): loading it would continue someone else's training.
+    """
     root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
+    if not root.is_dir():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    real_root = root.resolve()
+    pointer = root / "latest"
+    named = None
+    if pointer.is_symlink() or pointer.exists():
+        named = pointer.read_text().strip() if pointer.is_file() else ""
+        target = (root / named).resolve() if named else None
+        if pointer.is_symlink() or (target is not None and target.parent != real_root):
+            link = ", a symbolic link" if pointer.is_symlink() else ""
+            raise ConfigError(f"{pointer} points outside this run's checkpoints ({named!r}{link}); refusing "
+                              "to load another run's state. Remove it: the newest valid step_* directory "
+                              f"in {root} is used then.")
+    try:
+        steps = sorted((p for p in root.iterdir() if STEP_NAME.fullmatch(p.name)),
+                       key=lambda p: int(p.name[5:]), reverse=True)
+    except FileNotFoundError:  # moved aside meanwhile by the main process's resume_restart
+        return None
+    if named is not None and not any(p.name == named for p in steps):
+        log.warning("%s names %r, which is not a checkpoint here; looking for the newest valid one",
+                    pointer, named)
+    for path in steps:
+        if path.resolve().parent != real_root:
+            raise ConfigError(f"{path} is a link to {path.resolve()}, outside this run's checkpoints; "
+                              "refusing to load another run's state. Remove the link.")
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def remove_stale_files(run_dir: str | Path) -> list[str]:
+    """Delete what a killed ``save_checkpoint`` left behind (``.tmp_step_*`` directories, ``.latest_<pid>``
+    files). Call it only while holding the run's lock: another run's would be in progress."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.iterdir() if p.name.startswith((".tmp_step_", ".latest_"))]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return [p.name for p in stale]
 
 
 def load_state(path: str | Path) -> dict:
@@ -105,7 +184,7 @@ def load_state(path: str | Path) -> dict:
     path = Path(path)
     try:
         return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:  # EOFError, UnpicklingError, … as well as OSError
         raise ConfigError(f"could not read checkpoint {path}: {e}") from None
 
 
@@ -113,6 +192,15 @@ def load_checkpoint(path: str | Path, policy) -> dict:
     """Restore the trainable weights into ``policy`` and return the saved state (for tools outside a run)."""
     load_trainable(policy, Path(path) / "accelerate")
     return load_state(path)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in [*(p for p in path.rglob("*") if p.is_dir()), path]:
+        _fsync_dir(directory)
 
 
 def _fsync_dir(path: Path) -> None:

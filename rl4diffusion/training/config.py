@@ -113,7 +113,10 @@ class TrainConfig:
     save_lora: bool = True
     """Write the adapter in diffusers format to <run>/lora at the end."""
     resume: str | None = None
-    """A run directory to continue from its latest checkpoint."""
+    """A run directory to continue from its newest valid checkpoint."""
+    resume_restart: bool = False
+    """With resume=: start the run over when it holds no valid checkpoint, instead of refusing (its files
+    move to <run>/before_restart_<time>/)."""
     max_skipped_updates: int = 3
     """Non-finite rewards or losses skip the update; abort after this many."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 import torch
+
+from rl4diffusion.training.rundir import strict_json, write_json_atomically
 
 
 class RunLogger:
@@ -28,9 +29,9 @@ class RunLogger:
         """Append ``record`` (must hold "step" and "phase") to metrics.jsonl and TensorBoard."""
         if not self.enabled:
             return
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        clean = strict_json(record)  # NaN and ±Infinity (also inside lists) become null: standard JSON
         with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(clean) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if self.accelerator is not None and self.accelerator.trackers:
@@ -50,13 +51,11 @@ class RunLogger:
         return path
 
     def write_json(self, name: str, payload: dict) -> None:
-        """Write ``name`` atomically (temp file + rename) so a crash never leaves half a file."""
+        """Write ``name`` atomically (temp file + rename) so a crash never leaves half a file; non-finite
+        numbers are written as null."""
         if not self.enabled:
             return
-        path = self.run_dir / name
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
+        write_json_atomically(self.run_dir / name, payload)
 
     def close(self) -> None:
         """The trackers are closed by ``accelerator.end_training()``; nothing else is held open."""

@@ -7,8 +7,9 @@ Examples::
     python -m rl4diffusion.train reward=my_pkg.my_rewards:sharpness model=path:/models/sd15
     python -m rl4diffusion.train -m algo=ddpo,nabla_gfn seed=0,1    # a Hydra sweep
 
-Every field of conf/train.yaml and of the algo/reward/model groups is overridable. Bad input
-is reported in one paragraph with exit code 2.
+Every field of the config is overridable. Exit codes of the command line: 0 finished, 2 bad input
+(one paragraph, nothing already written touched), 1 a failure, 3 interrupted and checkpointed
+(resume it); ``<run>/run_state.json`` records the same (``rundir.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training import rundir
+from rl4diffusion.training.checkpoint import latest_checkpoint, remove_stale_files
 
 
 class TrainingAborted(Exception):
@@ -41,41 +44,77 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path:
-    """The directory this run writes to: a fresh one, or the run being resumed (checked for compatibility)."""
-    if cfg.resume:
-        resumed = Path(str(cfg.resume)).expanduser()
-        saved = resumed / "config.yaml"
-        if not saved.is_file():
-            raise ConfigError(f"resume={resumed}: no config.yaml there — is it a run directory of rl4diffusion.train?")
-        old = OmegaConf.load(saved)
-        for key in ("algo", "model", "reward", "prompts", "seed"):
-            a = OmegaConf.to_container(old, resolve=True).get(key)
-            b = OmegaConf.to_container(cfg, resolve=True).get(key)
-            if a != b:
-                raise ConfigError(f"resume={resumed}: its config differs from this one in '{key}' ({a!r} vs {b!r}). "
-                                  "Resume with the same algo/model/reward/prompts/seed (only epochs may grow).")
-        return resumed
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"{run_dir} already holds a run (metrics.jsonl); choose another hydra.run.dir, or continue "
-                          f"it with resume={run_dir}. Nothing was overwritten.")
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> rundir.RunDir:
+    """Open the directory this run writes to (a fresh one, or the run being resumed) without losing anything.
+
+    1. Read-only checks: a new run refuses a directory that holds a run; a resume refuses another config or
+       evaluation protocol.
+    2. The lock (main process only; ``rundir.py``): a second run on the directory is refused, naming the pid.
+    3. Under the lock: the checks of 1 again (another run may have ended in between), the newest valid
+       checkpoint of a resume (none is refused unless ``resume_restart=true``), stale temporary files removed,
+       and ``run_state.json`` says "running".
+    """
+    main = rundir.is_main_process()
+    resumed = Path(str(cfg.resume)).expanduser().absolute() if cfg.resume else None
+    path = resumed or Path(run_dir)
+
+    def check() -> None:
+        if resumed:
+            rundir.check_resume_config(cfg, path)
+        else:
+            rundir.refuse_used_dir(path)
+
+    check()  # before the lock too: a refused run leaves the directory untouched
+    lock = rundir.lock_run_dir(path) if main else None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the run directory {run_dir} ({e.strerror}). Choose a writable "
-                          "location with hydra.run.dir=/some/dir.") from None
-    return run_dir
+        check()
+        checkpoint = latest_checkpoint(path) if resumed else None
+        if resumed and checkpoint is None:
+            if not cfg.resume_restart:
+                raise ConfigError(f"resume={resumed}: it holds no valid checkpoint to continue from (see "
+                                  "the warnings above for the ones skipped). Nothing was changed. To start "
+                                  "the run over in the same directory add resume_restart=true (what it holds "
+                                  "is moved to before_restart_<time>/), or start a new run.")
+            if main:
+                aside = rundir.set_aside(path)
+                log.warning("resume_restart=true: %s holds no valid checkpoint; starting it over%s", path,
+                            f" (its previous files are in {aside})" if aside else "")
+        if main:
+            removed = remove_stale_files(path)
+            if removed:
+                log.info("removed what a killed checkpoint left behind: %s", ", ".join(removed))
+        opened = rundir.RunDir(path, checkpoint, lock)
+        opened.record("running", epoch=int(checkpoint.name[5:]) if checkpoint else 0)
+        return opened
+    except BaseException:
+        if lock is not None:
+            rundir.unlock_run_dir(path)
+        raise
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more)."""
+    """Drop log lines written after the checkpoint we resume from (a killed run may have logged more).
+
+    A last line cut short (a kill or a full disk in the middle of a write) is dropped with a warning; a
+    broken line before it is not a torn write, and is refused rather than dropped.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ConfigError(f"{path}: line {number} is not JSON ({line[:60]!r}…) and is not the last "
+                                  "one, so it is not a torn write. Repair or remove that line, then "
+                                  "resume.") from None
+            log.warning("%s: dropping its last line, cut short by a kill or a full disk: %r", path, line[:60])
+            continue
+        if record["step"] <= last_step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -144,6 +183,7 @@ class Trainer:
                      "eval_seconds": 0.0, "skipped": 0, "wall_before": 0.0, "cpu_before": 0.0,
                      "eval_cpu_seconds": 0.0, "query_evals": 0}
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.opened: rundir.RunDir | None = None  # the run directory, locked, once build has checked it
 
     # ---------------------------------------------------------------- build
     def build(self) -> None:
@@ -160,7 +200,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(int(cfg.threads))
         logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint INFO lines are noise here
-        self.run_dir = prepare_run_dir(cfg, self.run_dir)
+        self.opened = prepare_run_dir(cfg, self.run_dir)
+        self.run_dir = self.opened.path
         self.accelerator = build_accelerator(cfg, self.run_dir)
         from rl4diffusion.training.distributed import Distributed
 
@@ -303,25 +344,29 @@ class Trainer:
         self.loop["wall_before"], self.loop["cpu_before"] = self.wall(), self.cpu()
         state = {"algorithm": self.algorithm.state_dict(), "env_rng": self.env.rng.get_state(),
                  "reward_queries": self.reward.queries, "loop": json.dumps(self.loop)}
-        save_checkpoint(self.run_dir, self.loop["epoch"], state, self.policy, self.accelerator,
-                        keep_last=int(self.cfg.checkpoint.keep_last))
+        path = save_checkpoint(self.run_dir, self.loop["epoch"], state, self.policy, self.accelerator,
+                               keep_last=int(self.cfg.checkpoint.keep_last))
+        self.opened.checkpoint = path.name
+        self.opened.record("running", epoch=self.loop["epoch"])
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def _restore(self) -> Path | None:
-        """Resume: the algorithm, environment and loop state now; weights, optimisers and RNGs in ``fit``."""
-        from rl4diffusion.training.checkpoint import latest_checkpoint, load_state
+        """Resume: the algorithm, environment and loop state now; weights, optimisers and RNGs in ``fit``.
 
-        checkpoint = latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        The checkpoint is the newest valid one, found by ``prepare_run_dir`` (which refuses a run with none).
+        """
+        from rl4diffusion.training.checkpoint import load_state
+
+        checkpoint = self.opened.resume_from
         if checkpoint is not None:
             saved = load_state(checkpoint)
             self.algorithm.load_state_dict(saved["algorithm"])
             self.env.rng.set_state(saved["env_rng"])
             self.reward.queries = int(saved["reward_queries"])
             self.loop.update(json.loads(saved["loop"]))
-            truncate_metrics(self.run_dir, self.loop["epoch"])
+            if self.dist.is_main:
+                truncate_metrics(self.run_dir, self.loop["epoch"])
             log.info("resumed %s from %s (epoch %d)", self.run_dir, checkpoint.name, self.loop["epoch"])
-        elif self.cfg.resume:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no checkpoint yet: start over in the same directory
         return checkpoint
 
     # ---------------------------------------------------------------- fit
@@ -451,7 +496,34 @@ def _flat_hparams(cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted)."""
+    """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted).
+
+    The run directory is locked while it runs, and ``<run>/run_state.json`` ends as "finished", "interrupted"
+    or "failed" with the exit code the command line gives (``rundir.py`` lists them).
+    """
     trainer = Trainer(cfg, run_dir)
-    trainer.build()
-    return trainer.fit()
+    try:
+        trainer.build()
+        summary = trainer.fit()
+    except BaseException as e:
+        if trainer.opened is not None:
+            if isinstance(e, KeyboardInterrupt):  # a second signal: stopped at once; resumable all the same
+                state, code = "interrupted", rundir.EXIT_INTERRUPTED
+            elif isinstance(e, ConfigError):
+                state, code = "failed", rundir.EXIT_BAD_INPUT
+            else:
+                state, code = "failed", rundir.EXIT_FAILED
+            try:
+                trainer.opened.record(state, epoch=trainer.loop["epoch"], exit_code=code)
+            except OSError as write_error:  # a full disk, say: report the first error, not this one
+                log.warning("could not record the run's state: %s", write_error)
+        raise
+    else:
+        finished = bool(summary)  # {} when a signal stopped it after a checkpoint
+        state = "finished" if finished else "interrupted"
+        code = rundir.EXIT_FINISHED if finished else rundir.EXIT_INTERRUPTED
+        trainer.opened.record(state, epoch=trainer.loop["epoch"], exit_code=code)
+    finally:
+        if trainer.opened is not None:
+            trainer.opened.close()
+    return summary
