@@ -346,8 +346,12 @@ class DiffusionPolicy(nn.Module):
         return {key: conditioning[key] for key in self.extra_conditioning_keys}
 
     def _negative_conditioning(self) -> dict[str, torch.Tensor]:
-        """The unconditional half of classifier-free guidance: the empty prompt's conditioning, unbatched."""
-        return {key: value[0] for key, value in self._conditioning([""]).items()}
+        """The unconditional half of classifier-free guidance: the empty prompt's conditioning, unbatched.
+
+        Read straight from the cache: this runs at every guided network call, inside the denoising loop."""
+        if "" not in self._embed_cache:
+            self._conditioning([""])
+        return self._embed_cache[""]
 
     @property
     def negative_embeds(self) -> torch.Tensor:

@@ -188,12 +188,6 @@ def load_state(path: str | Path) -> dict:
         raise ConfigError(f"could not read checkpoint {path}: {e}") from None
 
 
-def load_checkpoint(path: str | Path, policy) -> dict:
-    """Restore the trainable weights into ``policy`` and return the saved state (for tools outside a run)."""
-    load_trainable(policy, Path(path) / "accelerate")
-    return load_state(path)
-
-
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
