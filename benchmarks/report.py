@@ -8,5 +8,6 @@ from rl4diffusion.training.report import write_report
 if __name__ == "__main__":
     try:
         print(write_report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/shapes"))
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
+    except ConfigError as e:  # bad input: one message, exit code 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

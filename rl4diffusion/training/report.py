@@ -1,10 +1,12 @@
-"""The benchmark report: a table (mean ± std over seeds at the final evaluation) and PNG plots,
-regenerated from ``evals.jsonl`` alone — ``python benchmarks/report.py benchmarks/results/shapes``."""
+"""The benchmark report: a table (mean ± std over seeds at the final evaluation) and PNG plots (the mean over
+seeds with a 95 % Student-t band, one colour and marker per algorithm), regenerated from ``evals.jsonl``
+alone — ``python benchmarks/report.py benchmarks/results/shapes``."""
 
 from __future__ import annotations
 
 import json
 import math
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -182,49 +184,193 @@ def at_reward(curve: list[dict], target: float, keys=("diversity", "fid_base")) 
     return None
 
 
-def _curves(rows, x_key, y_key, prompt_set):
-    """algo → (xs, ys) averaged over seeds by evaluation index (the k-th evaluation of every seed:
-    budgets in CPU time end seeds at different epochs, so steps need not coincide)."""
-    by_algo = defaultdict(lambda: defaultdict(list))
-    for (algo, _), records in run_curves(rows, prompt_set).items():
+# ---------------------------------------------------------------------------------------------- plots
+# Twelve colours a reader tells apart (matplotlib's tab10, a navy and black) and twelve markers, so that every
+# built-in algorithm has its own pair, also in print and for colour-blind readers.
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#000000")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+
+
+def algorithm_style(name: str) -> tuple[str, str]:
+    """(colour, marker) of an algorithm, the same in every plot: each built-in algorithm (in the order of
+    ``rl4diffusion.algorithms.ALGORITHMS``) has its own pair; any other name gets a pair picked by its CRC32,
+    stable from one run to the next."""
+    from rl4diffusion.algorithms import ALGORITHMS
+
+    index = list(ALGORITHMS).index(name) if name in ALGORITHMS else len(COLOURS)
+    if index < len(COLOURS):
+        return COLOURS[index], MARKERS[index]
+    digest = zlib.crc32(name.encode())
+    return COLOURS[digest % len(COLOURS)], MARKERS[digest // len(COLOURS) % len(MARKERS)]
+
+
+def is_preference_method(name: str) -> bool:
+    """Whether the algorithm ``name`` learns from a fixed set of preference pairs (its config extends
+    ``PreferenceConfig``: SFT, Diffusion-DPO, DMPO, DPO-C&M, SDPO) instead of querying the reward as it trains.
+
+    Its reward queries (the AI-feedback pairs) are all spent before the first update, so reward against
+    reward queries would stack its whole curve on one vertical line: it is drawn against epochs instead."""
+    from rl4diffusion.algorithms import algorithm_classes
+    from rl4diffusion.algorithms.diffusion_dpo import PreferenceConfig
+
+    try:
+        return issubclass(algorithm_classes(name)[1], PreferenceConfig)
+    except (ConfigError, ImportError):  # an algorithm this process cannot import: drawn with the online ones
+        return False
+
+
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over seeds with its Student-t confidence interval (n − 1 degrees of freedom).
+
+    A t interval rather than a bootstrap: with the 3–5 seeds of a typical comparison a bootstrap resamples
+    too few values to be trusted. One value gives a zero-width interval; none gives NaNs."""
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return math.nan, math.nan, math.nan
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, mean, mean
+    from scipy.stats import t
+
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    half = float(t.ppf(0.5 + confidence / 2, len(values) - 1)) * sd / len(values) ** 0.5
+    return mean, mean - half, mean + half
+
+
+def by_evaluation(runs: list[list[dict]], x_key: str, y_key: str) -> list[tuple[float, float, float, float, int]]:
+    """(x mean, y mean, y low, y high, seeds) at every evaluation index over the seeds' runs.
+
+    Runs are aligned by the k-th evaluation rather than by step: budgets in CPU time end seeds at
+    different epochs, so their steps need not coincide."""
+    points = defaultdict(list)
+    for records in runs:
         for index, r in enumerate(r for r in records if r.get(y_key) is not None):
-            by_algo[algo][index].append((r.get(x_key, 0) or 0, r[y_key]))
-    out = {}
-    for algo, steps in by_algo.items():
-        pts = [(sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for _, v in sorted(steps.items())]
-        out[algo] = ([p[0] for p in pts], [p[1] for p in pts])
+            points[index].append((r.get(x_key) or 0, r[y_key]))
+    out = []
+    for _, pairs in sorted(points.items()):
+        mean, low, high = mean_interval([y for _, y in pairs])
+        out.append((sum(x for x, _ in pairs) / len(pairs), mean, low, high, len(pairs)))
     return out
 
 
-def plots(rows: list[dict], out_dir: Path, prompt_set: str) -> list[str]:
+def _direction(ax, *, x_better: str | None, y_better: str | None) -> None:
+    """Write which way is better on the axes: "better →" under the x axis's end, "↑ better" / "↓ better"."""
+    style = {"transform": ax.transAxes, "fontsize": 8, "color": "0.35"}
+    if x_better:
+        ax.text(0.99, 0.02, "better →" if x_better == "up" else "← better", ha="right", va="bottom", **style)
+    if y_better:
+        ax.text(0.01, 0.98 if y_better == "up" else 0.02, "↑ better" if y_better == "up" else "↓ better",
+                ha="left", va="top" if y_better == "up" else "bottom", **style)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
+def band_panel(ax, series: dict[str, list[list[dict]]], x_key: str, y_key: str, styles) -> None:
+    """One line per series (the mean over seeds at each evaluation) with a shaded 95 % t band over seeds."""
+    for label, runs in sorted(series.items()):
+        points = by_evaluation(runs, x_key, y_key)
+        if not points:
+            continue
+        colour, marker = styles[label]
+        xs, means, lows, highs = ([p[i] for p in points] for i in range(4))
+        ax.plot(xs, means, color=colour, marker=marker, markersize=4, linewidth=1.2,
+                label=f"{label} ({max(p[4] for p in points)} seeds)")
+        ax.fill_between(xs, lows, highs, color=colour, alpha=0.1, linewidth=0)
+    ax.grid(alpha=0.3)
+
+
+def final_scatter_panel(ax, series: dict[str, list[list[dict]]], x_key: str, y_key: str, styles) -> None:
+    """Each series' final evaluation: the mean over seeds with 95 % t error bars in x and y, its path from the
+    base model as a faint line, and the base model (a black star)."""
+    bases = set()
+    for label, runs in sorted(series.items()):
+        runs = [[r for r in records if r.get(x_key) is not None and r.get(y_key) is not None] for records in runs]
+        runs = [records for records in runs if records]
+        if not runs:
+            continue
+        colour, marker = styles[label]
+        path = by_evaluation(runs, x_key, y_key)
+        ax.plot([p[0] for p in path], [p[1] for p in path], color=colour, alpha=0.3, linewidth=1)
+        (mx, lx, hx), (my, ly, hy) = (mean_interval([records[-1][k] for records in runs]) for k in (x_key, y_key))
+        ax.errorbar(mx, my, xerr=[[mx - lx], [hx - mx]], yerr=[[my - ly], [hy - my]], fmt=marker, color=colour,
+                    markersize=6, capsize=3, elinewidth=1, alpha=0.85, label=f"{label} ({len(runs)} seeds)")
+        bases |= {(round(records[0][x_key], 6), round(records[0][y_key], 6)) for records in runs
+                  if records[0].get("step") == 0}
+    for i, (bx, by) in enumerate(sorted(bases)):
+        ax.plot(bx, by, marker="*", color="black", markersize=12, linestyle="none", zorder=5,
+                markeredgecolor="white", label="base model" if i == 0 else None)
+    ax.grid(alpha=0.3)
+
+
+# (x key, y key, x label, y label, file name, kind, higher y is better): kind "band" draws the mean over seeds
+# with its band along training, "final" the final evaluation with error bars (x is then the reward)
+REPORT_PLOTS = [
+    ("reward_queries", "reward_mean", "reward queries", "reward", "reward_vs_queries.png", "band", True),
+    ("wall_s", "reward_mean", "wall-clock seconds (training + evaluations)", "reward", "reward_vs_wallclock.png",
+     "band", True),
+    ("train_cpu_s", "reward_mean", "training CPU seconds", "reward", "reward_vs_cpu.png", "band", True),
+    ("reward_mean", "diversity", "reward", "diversity", "diversity_vs_reward.png", "final", True),
+    ("reward_mean", "fid_dataset", "reward", "FID vs data", "fid_vs_reward.png", "final", False),
+    ("reward_mean", "fid_base", "reward", "FID vs the base model's samples", "fid_base_vs_reward.png", "final",
+     False),
+]
+
+
+def draw_plots(series: dict[str, list[list[dict]]], out_dir: Path, prompt_set: str, *, styles: dict,
+               preference: set[str], specs=REPORT_PLOTS) -> list[str]:
+    """Write the ``specs`` plots of ``series`` (label → every seed's evaluations on ``prompt_set``, in training
+    order) to ``out_dir``; return the file names written.
+
+    Against reward queries, the ``preference`` series (which spend their queries before training) get a panel
+    of their own, against epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    specs = [("reward_queries", "reward_mean", "reward queries", "reward", "reward_vs_queries.png"),
-             ("wall_s", "reward_mean", "wall-clock seconds (training + evaluations)", "reward", "reward_vs_wallclock.png"),
-             ("train_cpu_s", "reward_mean", "training CPU seconds", "reward", "reward_vs_cpu.png"),
-             ("reward_mean", "diversity", "reward", "diversity", "diversity_vs_reward.png"),
-             ("reward_mean", "fid_dataset", "reward", "FID vs data", "fid_vs_reward.png"),
-             ("reward_mean", "fid_base", "reward", "FID vs the base model's samples", "fid_base_vs_reward.png")]
-    for x_key, y_key, x_label, y_label, name in specs:
-        curves = _curves(rows, x_key, y_key, prompt_set)
-        if not curves:
+    for x_key, y_key, x_label, y_label, name, kind, higher_is_better in specs:
+        present = {label: runs for label, runs in series.items()
+                   if any(r.get(y_key) is not None for records in runs for r in records)}
+        if not present:
             continue
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-        for algo, (xs, ys) in sorted(curves.items()):
-            ax.plot(xs, ys, marker="o", markersize=3, label=algo)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"{y_label} ({prompt_set} prompts)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out_dir / name)
+        panels = [(present, x_key, x_label, None)]
+        if x_key == "reward_queries" and kind == "band" and preference & set(present):
+            online = {k: v for k, v in present.items() if k not in preference}
+            offline = {k: v for k, v in present.items() if k in preference}
+            panels = [(online, x_key, x_label, "online: the reward is queried while training"),
+                      (offline, "step", "epoch", "preference pairs: every reward query made before training")]
+            panels = [p for p in panels if p[0]]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), dpi=110, squeeze=False)
+        for ax, (panel, px, p_label, title) in zip(axes[0], panels):
+            if kind == "band":
+                band_panel(ax, panel, px, y_key, styles)
+                _direction(ax, x_better=None, y_better="up" if higher_is_better else "down")
+            else:
+                final_scatter_panel(ax, panel, x_key, y_key, styles)
+                _direction(ax, x_better="up", y_better="up" if higher_is_better else "down")
+            ax.set_xlabel(p_label)
+            ax.set_ylabel(f"{y_label} ({prompt_set} prompts)")
+            if title:
+                ax.set_title(title, fontsize=9)
+            _legend(ax)
+        fig.savefig(out_dir / name, bbox_inches="tight")
         plt.close(fig)
         made.append(name)
     return made
+
+
+def plots(rows: list[dict], out_dir: Path, prompt_set: str) -> list[str]:
+    """The report's plots: one series per algorithm (mean and 95 % t band over its seeds)."""
+    series = defaultdict(list)
+    for (algo, _), records in sorted(run_curves(rows, prompt_set).items()):
+        series[algo].append(records)
+    return draw_plots(dict(series), out_dir, prompt_set, styles={a: algorithm_style(a) for a in series},
+                      preference={a for a in series if is_preference_method(a)})
 
 
 def write_report(out_dir: str | Path, *, suite_name: str | None = None) -> Path:
