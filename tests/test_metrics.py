@@ -114,3 +114,9 @@ def test_win_rate_ci_excludes_half_for_a_clearly_better_model():
     assert better.rate > 0.9 and better.excludes(0.5) and better.low > 0.5
     with pytest.raises(ValueError, match="same length"):
         win_rate(torch.zeros(3), torch.zeros(4))
+
+
+def test_frechet_distance_of_non_finite_features_is_nan_not_a_crash():
+    a, b = torch.randn(8, 4), torch.randn(8, 4)
+    b[3, 1] = float("nan")
+    assert math.isnan(frechet_distance(a, b))

@@ -95,6 +95,9 @@ class DreamSimFeatures:
         distance = 1 - e[0] @ e[1]
     """
 
+    setup_hint = "RL4DIFFUSION_DREAMSIM_DIR"
+    """Where its weights are found (named in the one line an offline run prints)."""
+
     def __init__(self, device: str | torch.device = "cpu", *, dreamsim_type: DreamSimType = "ensemble",
                  cache_dir: str | Path | None = None, batch_size: int = 64):
         if dreamsim_type not in REQUIRED_FILES:

@@ -19,7 +19,8 @@ name is registered yet, so a module named after its space needs no other wiring.
 
 ``build_feature_space("auto", kind=...)`` picks the best space that loads: ``dreamsim`` then
 ``judge`` for diversity, ``inception`` then ``judge`` for FID. Any exception from the heavy one
-(absent weights, missing package) falls back to the judge with a logged warning. The chosen
+(absent weights, missing package) falls back to the judge with one short INFO line (the full reason is
+logged at DEBUG; ``auto_feature_space`` + ``fallback_note`` let a caller say it once for several kinds). The chosen
 space's ``.name`` says which one was used — record it next to the number (the run report
 does), because distances in two feature spaces are not comparable.
 """
@@ -97,16 +98,11 @@ def build_feature_space(
     ``kind``. With ``"auto"``, the chosen space's ``.name`` records which one was used.
     """
     if name == "auto":
-        if kind not in _AUTO_ORDER:
-            raise ValueError(f"build_feature_space('auto') needs kind='diversity' or kind='fid', got {kind!r}")
-        *preferred, fallback = _AUTO_ORDER[kind]
-        for candidate in preferred:
-            try:
-                return build_feature_space(candidate, device)
-            except Exception as e:  # absent weights, missing package, unregistered: all mean "use the fallback"
-                log.warning("feature space %r is unavailable for %s (%s: %s); using %r instead", candidate, kind,
-                            type(e).__name__, e, fallback)
-        return build_feature_space(fallback, device)
+        space, skipped = auto_feature_space(kind, device)
+        note = fallback_note({kind: (space, skipped)})
+        if note:
+            log.info(note)
+        return space
     if name not in _REGISTRY:
         _import_conventional_module(name)
     if name not in _REGISTRY:
@@ -148,3 +144,41 @@ class JudgeFeatures:
             for chunk in images.split(self.batch_size)
         ]
         return torch.cat(chunks)  # [B, 128]
+
+
+def auto_feature_space(kind: str | None, device: str | torch.device = "cpu"
+                       ) -> tuple[FeatureSpace, list[tuple[str, Exception]]]:
+    """``build_feature_space("auto", kind=kind)`` without its log line: the best space that loads, and the preferred
+    ones that did not, each with its exception (logged at DEBUG), so that a caller building several kinds says it
+    in one line (``fallback_note``)."""
+    if kind not in _AUTO_ORDER:
+        raise ValueError(f"build_feature_space('auto') needs kind='diversity' or kind='fid', got {kind!r}")
+    *preferred, fallback = _AUTO_ORDER[kind]
+    skipped = []
+    for candidate in preferred:
+        try:
+            return build_feature_space(candidate, device), skipped
+        except Exception as e:  # absent weights, missing package, unregistered: all mean "use the fallback"
+            log.debug("feature space %r is unavailable for %s (%s: %s)", candidate, kind, type(e).__name__, e)
+            skipped.append((candidate, e))
+    return build_feature_space(fallback, device), skipped
+
+
+def fallback_note(choices: dict[str, tuple[FeatureSpace, list[tuple[str, Exception]]]]) -> str | None:
+    """One short line for the kinds whose "auto" choice fell back (None when none did), e.g. ``diversity and FID
+    in the judge feature space (dreamsim, inception: weights not on this machine; set RL4DIFFUSION_DREAMSIM_DIR,
+    RL4DIFFUSION_INCEPTION_WEIGHTS to use them)``. ``choices``: kind → what ``auto_feature_space`` returned."""
+    from rl4diffusion.errors import MissingWeightsError
+
+    fell_back = {kind: (space, skipped) for kind, (space, skipped) in choices.items() if skipped}
+    if not fell_back:
+        return None
+    used = "/".join(dict.fromkeys(space.name for space, _ in fell_back.values()))
+    skipped = [pair for _, pairs in fell_back.values() for pair in pairs]
+    reasons = dict.fromkeys("weights not on this machine" if isinstance(e, MissingWeightsError)
+                            else f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+                            for _, e in skipped)
+    hints = [hint for name, _ in skipped if (hint := getattr(_REGISTRY.get(name), "setup_hint", None))]
+    kinds = " and ".join("FID" if kind == "fid" else kind for kind in fell_back)
+    note = f"{kinds} in the {used} feature space ({', '.join(n for n, _ in skipped)}: {'; '.join(reasons)}"
+    return note + (f"; set {', '.join(hints)} to use them)" if hints else ")")

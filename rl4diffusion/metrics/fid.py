@@ -36,7 +36,8 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor, *, eps:
         eps: ridge added to both covariances when their product's square root is not finite.
 
     Returns:
-        d² ≥ 0 (rounding below zero is clamped); 0 for identical sets.
+        d² ≥ 0 (rounding below zero is clamped); 0 for identical sets; NaN when a set holds a non-finite
+        feature (the images of a diverged model).
     """
     if features_a.dim() != 2 or features_b.dim() != 2 or features_a.shape[1] != features_b.shape[1]:
         raise ValueError(f"features must be [N, D] and [M, D] with the same D, got {tuple(features_a.shape)} "
@@ -45,6 +46,8 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor, *, eps:
         raise ValueError("each feature set needs at least 2 samples to estimate a covariance")
     mu_a, sigma_a = _gaussian(features_a)
     mu_b, sigma_b = _gaussian(features_b)
+    if not (np.isfinite(sigma_a).all() and np.isfinite(sigma_b).all()):
+        return float("nan")  # non-finite images (a diverged model): no distance, and no crash in sqrtm
     covmean = linalg.sqrtm(sigma_a @ sigma_b)  # (Σ_a Σ_b)^½
     if not np.isfinite(covmean).all():
         ridge = np.eye(sigma_a.shape[0]) * eps

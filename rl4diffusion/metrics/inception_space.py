@@ -76,6 +76,9 @@ class InceptionFeatures:
         batch_size: images per forward pass.
     """
 
+    setup_hint = "RL4DIFFUSION_INCEPTION_WEIGHTS"
+    """Where its weights are found (named in the one line an offline run prints)."""
+
     name = "inception"
 
     def __init__(self, device: str | torch.device = "cpu", *, weights_path: str | Path | None = None,

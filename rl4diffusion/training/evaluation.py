@@ -61,10 +61,17 @@ class EvalMetrics:
     """
 
     def __init__(self, device, feature_space: str = "auto", references: dict[str, torch.Tensor] | None = None):
-        from rl4diffusion.metrics import build_feature_space
+        from rl4diffusion.metrics.features import auto_feature_space, build_feature_space, fallback_note
 
-        self.diversity_space = build_feature_space(feature_space, device, kind="diversity")
-        self.fid_space = build_feature_space(feature_space, device, kind="fid")
+        if feature_space == "auto":  # an offline run says once, in one line, that it fell back
+            choices = {kind: auto_feature_space(kind, device) for kind in ("diversity", "fid")}
+            note = fallback_note(choices)
+            if note:
+                log.info(note)
+            self.diversity_space, self.fid_space = choices["diversity"][0], choices["fid"][0]
+        else:
+            self.diversity_space = build_feature_space(feature_space, device, kind="diversity")
+            self.fid_space = build_feature_space(feature_space, device, kind="fid")
         self.reference_features = {k: self.fid_space(v) for k, v in (references or {}).items()}
         self.base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
