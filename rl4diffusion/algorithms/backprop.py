@@ -154,6 +154,7 @@ class RewardBackprop(Algorithm):
     optimiser step per batch. Subclasses implement ``loss(minibatch)``."""
 
     requires_differentiable_reward = True
+    supports_grad_accumulation = False  # one step per batch already; algo.minibatch_size sets its micro-batches
 
     def __init__(self, config: BackpropConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)

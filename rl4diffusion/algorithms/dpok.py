@@ -195,6 +195,9 @@ class ValueNet(nn.Module):
 
 @register_algorithm("dpok", config=DPOKConfig)
 class DPOK(Algorithm):
+    needs_log_prob = True  # its loss scores log π_θ of sampled steps: η = 0 is refused
+    supports_grad_accumulation = False  # a policy step's advantages come from the value net as last updated
+
     def __init__(self, config: DPOKConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
         embed_dim = policy.encode_prompts([""]).shape[-1]

@@ -54,7 +54,7 @@ class SDXLPolicy(StableDiffusionPolicy):
 
     def _negative_conditioning(self) -> dict[str, torch.Tensor]:
         negative = super()._negative_conditioning()
-        if self.zero_negative:
+        if self.zero_negative and not self.config.negative_prompt:  # as diffusers: a negative prompt is encoded
             return {key: torch.zeros_like(value) for key, value in negative.items()}
         return negative
 
