@@ -22,6 +22,11 @@ class DenoisingCore:
             (the environment never touches the trainable weights).
         reward: ``fn(images [B,3,H,W] in [0,1], prompts) -> Tensor[B]``, called at the terminal step.
         prompts: the prompt list; states carry an index into it ("prompt_id").
+
+    ``collect_trajectories`` reads two settings of how a batch of chains is collected (the trainer sets
+    them from ``sample_chunks`` and ``reward_async``): ``sample_chunks``, the number of sub-batches the
+    chains are sampled in, and ``reward_async``, whether each sub-batch is scored on a worker thread
+    while the next one samples.
     """
 
     def __init__(self, policy, reward, prompts: Sequence[str]):
@@ -32,6 +37,8 @@ class DenoisingCore:
         self.prompts = list(prompts)
         self.num_steps = len(policy.timesteps)
         self.last_images: torch.Tensor | None = None  # decoded images of the last finished batch
+        self.sample_chunks = 1
+        self.reward_async = False
 
     def prompts_of(self, prompt_ids: torch.Tensor) -> list[str]:
         return [self.prompts[i] for i in prompt_ids.tolist()]

@@ -27,7 +27,8 @@ class ShapeAlignment:
     same choice DDPO's prompt-alignment and DRaFT's classifier rewards make. Images that are not
     32×32 are resized with an antialiased bilinear ``F.interpolate`` (differentiable). Prompts
     must be shapes-world captions ("a red circle"); any other prompt raises a ValueError that
-    lists the vocabulary. The judge is loaded on the first call, not at import.
+    lists the vocabulary, and ``check_prompts`` finds them before any image is sampled (the trainer
+    calls it at start-up). The judge is loaded on the first call, not at import.
 
     Args:
         device: where the judge runs; the reward is returned on the images' device.
@@ -44,6 +45,23 @@ class ShapeAlignment:
 
             self._judge = load_judge(self.device)
         return self._judge
+
+    def check_prompts(self, prompts: list[str]) -> list[str]:
+        """One sentence naming the prompts the judge cannot score and what it accepts; [] if it scores all."""
+        from rl4diffusion.zoo.shapes import COLOURS, SHAPES, parse_prompt
+
+        bad = []
+        for prompt in dict.fromkeys(prompts):  # each distinct prompt once, in order
+            try:
+                parse_prompt(prompt)
+            except ValueError:
+                bad.append(prompt)
+        if not bad:
+            return []
+        shown = ", ".join(repr(p) for p in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        return [f"{shown} {'is' if len(bad) == 1 else 'are'} not in the shapes world, whose prompts look like "
+                f"'a <colour> <shape>' with colour in {', '.join(COLOURS)} and shape in {', '.join(SHAPES)} "
+                "(e.g. 'a red circle')."]
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from rl4diffusion.zoo.judge import to_judge_resolution
