@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -130,10 +131,20 @@ def check_choices(config: Any, prefix: str = "") -> None:
 
 
 def at_least(*checks: tuple[str, Any, float, str]) -> None:
-    """Raise ConfigError for the first ``(key, value, minimum, what it is)`` below its minimum (None = unset)."""
+    """Raise ConfigError for the first ``(key, value, minimum, what it is)`` below its minimum (None = unset).
+
+    NaN is below every minimum: ``nan < 0`` is False, so a plain comparison would let it through."""
     for key, value, minimum, what in checks:
-        if value is not None and value < minimum:
-            raise ConfigError(f"{key} ({what}) must be ≥ {minimum}, got {value}.")
+        if value is not None and (value != value or value < minimum):
+            raise ConfigError(f"{key} ({what}) must be a number ≥ {minimum}, got {value}.")
+
+
+def finite(*checks: tuple[str, Any, str]) -> None:
+    """Raise ConfigError for the first ``(key, value, what it is)`` that is NaN or infinite (None = unset)."""
+    for key, value, what in checks:
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"{key} ({what}) must be a finite number, got {value}: NaN and infinity poison every "
+                              f"sample. Set {key} to a finite value.")
 
 
 # ---------------------------------------------------------------------------------------- errors

@@ -54,7 +54,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 MODULES = {"train": "rl4diffusion.cli.train", "bench": "rl4diffusion.cli.bench",
-           "make_pairs": "rl4diffusion.cli.make_pairs"}
+           "make_pairs": "rl4diffusion.cli.make_pairs", "compare": "rl4diffusion.cli.compare"}
 
 
 @dataclass

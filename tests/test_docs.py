@@ -65,6 +65,8 @@ RUN_TRAIN = {  # command → the number of runs it makes (a -m sweep makes sever
     f"{TRAIN} algo=ddpo reward=my_pkg.my_rewards:sharpness": 1,  # my_pkg/my_rewards.py written by the test
     f"{TRAIN} model=path:/models/my-sd15-pipeline": 1,  # the path replaced by the test's random tiny pipeline
     f"{TRAIN} -m algo=ddpo seed=0,1,2": 3,
+    f"{TRAIN} algo=ddpo optim.ema_decay=0.99 optim.lr_warmup_steps=10 optim.lr_schedule=cosine "
+    "optim.grad_accumulation=2 model.negative_prompt=blurry eval.num_steps=40 eval.guidance_scale=4": 1,
     # my_algos/rank.py and my_algos/conf/algo/rank_ddpo.yaml are the README's blocks, written by the test
     f"{TRAIN} algo=my_algos.rank:RankDDPO 'hydra.searchpath=[pkg://my_algos.conf]'": 1,
     f"{TRAIN} algo=my_algos.rank:RankDDPO algo.rank_scale=0.5": 1,
@@ -102,6 +104,14 @@ COVERED = {
         "tests/test_distributed.py::test_two_processes_match_one_process_with_the_same_global_batch",
     "python -m rl4diffusion.train <same overrides> resume=<run dir>":
         "tests/test_resume.py::test_sigkill_then_resume_reproduces_the_uninterrupted_metrics",
+    # compare: run on a real two-algorithm, three-seed sweep and on the committed shapes runs
+    "python -m rl4diffusion.compare": "tests/test_compare.py (every test of the command line)",
+    "python -m rl4diffusion.compare runs/multirun":
+        "tests/test_compare.py::test_runs_of_two_algorithms_give_one_row_each_beside_the_runs",
+    "python -m rl4diffusion.compare runs/multirun/2026-01-01_12-00-00":
+        "tests/test_compare.py::test_runs_of_two_algorithms_give_one_row_each_beside_the_runs",
+    "python -m rl4diffusion.compare benchmarks/results/shapes/runs out=shapes_compare":
+        "tests/test_compare.py::test_a_bench_suites_runs_compare_like_its_report (out= a temporary directory)",
 }
 EXEMPT = {
     "accelerate launch --multi_gpu --num_processes 8 -m rl4diffusion.train model=sd15 reward=aesthetic":

@@ -74,16 +74,23 @@ class Algorithm:
     Subclasses set ``name`` (the registry does, through ``@register_algorithm``) and, for gradient-based
     rewards, ``requires_differentiable_reward``. They implement ``collect``, ``optimisation_steps`` and
     ``loss_terms``; ``trained_modules`` defaults to the policy's trainable weights with ``self.optimizer``.
+    An algorithm whose steps cannot be merged by ``optim.grad_accumulation`` (a step built from the update
+    before it, or one step per epoch) sets ``supports_grad_accumulation = False``.
     """
 
     name: ClassVar[str] = ""
     requires_differentiable_reward: ClassVar[bool] = False
+    needs_log_prob: ClassVar[bool] = False
+    """True when the loss uses log π_θ(x_{t−1} | x_t) of sampled steps, which needs a stochastic sampler
+    (DDIM η > 0; a flow model's noise_level > 0): ``check_sampler_fits`` refuses a deterministic one."""
+    supports_grad_accumulation: ClassVar[bool] = True
     distributed = None  # set by the trainer in multi-process runs: rank, world, gather (see training/trainer.py)
 
     def __init__(self, policy, reward, config=None):
         """Keep the primitives; with ``config``, also the config and ``self.optimizer``: AdamW over the policy's
         trainable weights at ``config.lr`` and ``config.weight_decay`` (0 when the config has none)."""
         check_reward_compatible(type(self), reward)
+        check_sampler_fits(type(self), getattr(policy, "config", None), getattr(policy, "kind", None))
         self.policy = policy
         self.reward = reward
         self._conditioning: dict[str, torch.Tensor] = {}
@@ -150,9 +157,30 @@ def check_reward_compatible(algo_cls: type[Algorithm], reward) -> None:
     if algo_cls.requires_differentiable_reward and not getattr(reward, "differentiable", False):
         raise ConfigError(
             f"algo={algo_cls.name} backpropagates through the reward, but reward "
-            f"{getattr(reward, 'name', reward)!r} is not differentiable. Use a differentiable reward such as "
+            f"{getattr(reward, 'name', reward)!r} is not differentiable. If your function is differentiable "
+            "(torch operations from the images to the score, no .detach() or numpy), declare it with "
+            "+reward.differentiable=true. Otherwise use a differentiable reward such as "
             "reward=shape_alignment or reward=colorfulness (embedded), or reward=aesthetic / pickscore / "
             "clip_score (real weights), or pick a scalar-reward algorithm: algo=ddpo, algo=dpok, algo=grpo."
+        )
+
+
+def check_sampler_fits(algo_cls: type[Algorithm], model_config, kind: str | None) -> None:
+    """Refuse a deterministic sampler for an algorithm that needs the log-probability of its steps.
+
+    ``model_config``: the PolicyConfig (or the ``model`` options); ``kind``: the policy's step family, "ddim"
+    or "flow" (None: not known yet, taken as "ddim"). With η = 0 (or noise_level = 0) every step is a point
+    mass: its log-probability is undefined and its gradient zero, so nothing would train.
+    """
+    if not algo_cls.needs_log_prob or model_config is None:
+        return
+    key, value = ("noise_level", model_config.noise_level) if kind == "flow" else ("eta", model_config.eta)
+    if value == 0:
+        raise ConfigError(
+            f"algo={algo_cls.name} needs the log-probability of each sampled step, but model.{key}=0 makes the "
+            f"sampler deterministic: the log-probability is undefined and the policy gradient zero, so nothing "
+            f"would train. Use model.{key} in (0, 1] (1 is the DDPM-like default), or an algorithm without "
+            "log-probabilities such as algo=draft or algo=diffusion_dpo."
         )
 
 

@@ -87,6 +87,8 @@ def ddpo_loss(
 
 @register_algorithm("ddpo", config=DDPOConfig)
 class DDPO(Algorithm):
+    needs_log_prob = True  # its loss scores log π_θ of sampled steps: η = 0 is refused
+
     def __init__(self, config: DDPOConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
         self.stat_tracker = PerPromptStatTracker(config.stat_buffer_size, config.stat_min_count)

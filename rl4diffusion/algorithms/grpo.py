@@ -161,6 +161,8 @@ def grpo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: to
 
 @register_algorithm("grpo", config=GRPOConfig)
 class GRPO(Algorithm):
+    needs_log_prob = True  # its loss scores log π_θ of sampled steps: η = 0 is refused
+
     def __init__(self, config: GRPOConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
         self.seed = seed

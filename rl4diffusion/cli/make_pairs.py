@@ -15,16 +15,17 @@ Options: ``n`` (pairs, required), ``out`` (parquet path, required), ``prompts`` 
 train | heldout | all | animals | a .txt file,
 or an inline list ``prompts=[a red circle,a cat]``; default train),
 ``seed`` (default 0), ``min_margin`` (reward gap at or below which a pair is a tie, default 0), ``batch_size`` (pairs per sampling batch, default 32), ``quality`` (JPEG quality, default 95),
-``device`` (auto | cpu | cuda, default auto); ``model=…``, ``reward=…`` and their fields
+``device`` (auto | cpu | cuda, default auto), ``overwrite`` (replace an existing ``out`` file, default
+false: an existing file is refused before anything is sampled); ``model=…``, ``reward=…`` and their fields
 (``model.num_steps=…``) as in ``python -m rl4diffusion.train``. Images are stored as JPEG to keep
 Pick-a-Pic's layout, so the re-encode is lossy (quality 95, no chroma subsampling).
-Bad input is reported in one paragraph with exit code 2.
+Bad input — including an ``out`` whose directory cannot be written, checked before sampling — is reported in
+one paragraph with exit code 2.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,21 @@ from pathlib import Path
 from rl4diffusion.errors import ConfigError
 
 log = logging.getLogger("rl4diffusion.make_pairs")
+
+
+def boolean(value: str) -> bool:
+    """``true``/``false`` (also yes/no, 1/0) as Hydra writes booleans; anything else is a ValueError."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if value.lower() not in words:
+        raise ValueError(value)
+    return words[value.lower()]
+
+
 OWN_KEYS = {"n": int, "out": str, "prompts": str, "seed": int, "batch_size": int, "quality": int, "device": str,
-            "min_margin": float}
-DEFAULTS = {"prompts": "train", "seed": 0, "batch_size": 32, "quality": 95, "device": "auto", "min_margin": 0.0}
+            "min_margin": float, "overwrite": boolean}
+DEFAULTS = {"prompts": "train", "seed": 0, "batch_size": 32, "quality": 95, "device": "auto", "min_margin": 0.0,
+            "overwrite": False}
+KINDS = {int: "an integer", float: "a number", boolean: "true or false"}
 
 
 def parse_args(args: list[str]) -> tuple[dict, list[str]]:
@@ -49,8 +62,7 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
             try:
                 options[key] = OWN_KEYS[key](value)
             except ValueError:
-                raise ConfigError(f"{key}={value!r}: {key} must be {dict([(int, 'an integer'), (float, 'a number')]).get(OWN_KEYS[key], 'a string')}"
-                                  ".") from None
+                raise ConfigError(f"{key}={value!r}: {key} must be {KINDS.get(OWN_KEYS[key], 'a string')}.") from None
         elif key.lstrip("+~").split(".")[0] in ("model", "reward"):
             overrides.append(arg)
         else:
@@ -73,17 +85,24 @@ def parse_args(args: list[str]) -> tuple[dict, list[str]]:
     return options, overrides
 
 
-def check_output_path(out: str) -> Path:
-    """Fail before sampling (not after minutes of it) when ``out`` cannot be written."""
+def check_output_path(out: str, overwrite: bool = False) -> Path:
+    """Fail before sampling (not after minutes of it) when ``out`` cannot be written: a directory, an existing
+    file (unless ``overwrite``), or a directory that cannot be created or does not take a written and synced
+    file (no permission, read-only, full, or not a real directory such as /proc)."""
+    from rl4diffusion.training.rundir import check_writable, why_unwritable
+
     path = Path(out).expanduser()
     if path.is_dir():
         raise ConfigError(f"out={out!r} is a directory; give a file path such as {str(path / 'pairs.parquet')!r}.")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ConfigError(f"out={out!r} already exists; nothing was sampled or overwritten. Give another out=… "
+                          "path, or add overwrite=true to replace it.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"out={out!r}: cannot create the directory {str(path.parent)!r} ({e.strerror}).") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"out={out!r}: the directory {str(path.parent)!r} is not writable.")
+        raise ConfigError(f"out={out!r}: cannot create the directory {str(path.parent)!r} "
+                          f"({why_unwritable(e)}).") from None
+    check_writable(path.parent, what=f"out={out!r}: its directory", key="out", example="/some/dir/pairs.parquet")
     return path
 
 
@@ -97,7 +116,7 @@ def make_pairs(options: dict, overrides: list[str]) -> dict:
     from rl4diffusion.cli.overrides import CONF_DIR, rewrite_overrides
     from rl4diffusion.training.trainer import resolve_device
 
-    check_output_path(options["out"])
+    check_output_path(options["out"], options["overwrite"])
 
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -150,11 +169,17 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from rl4diffusion.training.rundir import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # SIGTERM stops like Ctrl-C: one line, exit code 3
     try:
         make_pairs(*parse_args(args))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; no pairs were written (out is written only at the end)", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.resources
+import itertools
+import logging
+import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rl4diffusion.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 CONF_DIR = Path(__file__).parent.parent / "conf"
 GROUPS = ("algo", "reward", "model", "suite")
@@ -142,27 +149,79 @@ def rewrite_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def check_config(args: list[str]) -> None:
-    """Compose the config once before Hydra runs and validate it, so bad input fails with exit code 2 before a
-    run directory exists: keys and types (the schema), then every ``validate()`` (training config, model,
-    algorithm). A ``-m`` sweep is checked at its first value."""
-    from hydra import compose, initialize_config_dir
+MAX_SWEEP_JOBS = 64
+"""A ``-m`` sweep of up to this many jobs is checked job by job; a larger one checks every value of every swept
+key once (the other keys at their first value)."""
+
+
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The plain overrides of each job a ``-m`` sweep runs (one job without a sweep), as Hydra's basic sweeper
+    expands them: the cartesian product of the swept keys' values, capped (``MAX_SWEEP_JOBS``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in args if not a.startswith("-")]
+    fixed, swept = [], []
+    for arg, override in zip(plain, OverridesParser.create().parse_overrides(plain)):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            swept.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            fixed.append(arg)
+    if math.prod(len(values) for values in swept) <= MAX_SWEEP_JOBS:
+        return [[*fixed, *job] for job in itertools.product(*swept)]
+    firsts = [values[0] for values in swept]
+    jobs = [[*fixed, *firsts]]
+    for i, values in enumerate(swept):
+        jobs += [[*fixed, *firsts[:i], value, *firsts[i + 1:]] for value in values[1:]]
+    return jobs
+
+
+def check_config(args: list[str]) -> DictConfig:
+    """Compose the config before Hydra runs and validate it, so bad input fails with exit code 2 before a run
+    directory exists: keys and types (the schema), every ``validate()`` (training config, model, algorithm),
+    the model's files (``check_pipeline_files``: before any weight loads), the prompt files and sets, and a
+    weighted reward's weights. A ``-m`` sweep is checked for each of its jobs (``sweep_jobs``) before job 0
+    starts. Returns the first job's config (with its ``hydra`` node)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rl4diffusion.schema import config_error
+
+    try:
+        jobs = sweep_jobs(args)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise config_error(e) from None
+    first = None
+    checked_models: dict[tuple, str | None] = {}
+    for job in jobs:
+        try:
+            cfg = _check_job(job, checked_models)
+        except ConfigError as e:
+            if len(jobs) == 1:
+                raise
+            swept = " ".join(o for o in job if o not in args)
+            raise ConfigError(f"the sweep's job with {swept} is refused, so no job was started: {e}") from None
+        first = first if first is not None else cfg
+    return first
+
+
+def _check_job(overrides: list[str], checked_models: dict) -> DictConfig:
+    """Compose and check one job's config (``check_config``); ``checked_models`` caches the model checks."""
+    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from rl4diffusion.algorithms import algorithm_classes
-    from rl4diffusion.algorithms.base import build_config
+    from rl4diffusion.algorithms.base import build_config, check_sampler_fits
+    from rl4diffusion.data.prompts import default_eval_sets, named_prompt_sets, resolve_prompts
+    from rl4diffusion.policies.base import PolicyConfig, check_pipeline_files, check_pretrained_available
     from rl4diffusion.schema import config_error
     from rl4diffusion.training.config import validate_train_config
 
-    parser = OverridesParser.create()
-    plain = [a for a in args if not a.startswith("-")]
     try:
-        plain = [a for a, o in zip(plain, parser.parse_overrides(plain)) if not o.is_sweep_override()]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=plain, return_hydra_config=True)
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise config_error(e) from None
     choice = cfg.hydra.runtime.choices.get("algo")
@@ -170,7 +229,42 @@ def check_config(args: list[str]) -> None:
         raise ConfigError(f"algo={choice}: its YAML does not extend an algorithm's schema. Start it with "
                           f"'defaults: [<name>_schema, _self_]', where <name> is the name the algorithm is registered "
                           "under (@register_algorithm), so that its keys and types are checked.")
-    validate_train_config(cfg)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the run validates again and logs its warnings (train.log): not twice
+    try:
+        validate_train_config(cfg)
+    finally:
+        logging.disable(previous)
     options = OmegaConf.to_container(cfg.algo, resolve=True)
     name = options.pop("name")
-    build_config(algorithm_classes(name)[1], options, name)
+    algo_cls, config_cls = algorithm_classes(name)
+    build_config(config_cls, options, name)
+
+    model = PolicyConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    model_key = (model.pretrained, model.height, model.width)
+    if model_key not in checked_models:
+        check_pretrained_available(model.pretrained)
+        checked_models[model_key] = check_pipeline_files(model)
+    check_sampler_fits(algo_cls, model, checked_models[model_key])
+
+    prompts = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts
+    resolve_prompts(prompts, key="prompts")
+    eval_sets = OmegaConf.to_container(cfg.eval, resolve=True)["prompt_sets"]
+    for spec in named_prompt_sets(default_eval_sets(prompts) if eval_sets == "auto" else eval_sets).values():
+        resolve_prompts(spec, key="eval.prompt_sets")
+    _check_reward_options(OmegaConf.to_container(cfg.reward, resolve=True))
+    return cfg
+
+
+def _check_reward_options(options: dict) -> None:
+    """The weights of ``reward=weighted``: a mapping of reward names to finite numbers."""
+    if options.get("name") != "weighted":
+        return
+    terms = options.get("terms")
+    if not isinstance(terms, dict) or not terms:
+        raise ConfigError(f"reward.terms={terms!r}: reward=weighted needs a mapping of reward names to weights, "
+                          "e.g. 'reward.terms={shape_alignment: 1.0, colorfulness: 0.1}'.")
+    for name, weight in terms.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"reward.terms.{name}={weight!r}: the weight of each term of reward=weighted must be a "
+                              f"finite number, e.g. reward.terms.{name}=0.5.")

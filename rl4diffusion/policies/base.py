@@ -48,7 +48,7 @@ import copy
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -74,6 +74,9 @@ class PolicyConfig:
     """Denoising steps N of the sampling chain (the MDP's horizon)."""
     guidance_scale: float = 2.0
     """Classifier-free guidance weight w (1 = no guidance, one network call per step)."""
+    negative_prompt: str = ""
+    """The prompt of guidance's unconditional branch (e.g. "blurry"): sampling, training and evaluation all
+    use it; "" is the empty prompt (diffusers' default). Unused at guidance_scale 1."""
     eta: float = 1.0
     """DDIM η: 1 gives the DDPM-like variance every policy-gradient method needs; 0 is deterministic."""
     log_prob_reduction: Literal["mean", "sum"] = "mean"
@@ -103,12 +106,22 @@ class PolicyConfig:
 
     def validate(self) -> None:
         """Ranges; keys, types and the Literal choices are the schema's (``rl4diffusion.schema``)."""
-        from rl4diffusion.schema import at_least
+        from rl4diffusion.schema import at_least, finite
 
         at_least(("model.num_steps", self.num_steps, 1, "denoising steps"),
                  ("model.guidance_scale", self.guidance_scale, 0, "the classifier-free guidance weight"),
                  ("model.eta", self.eta, 0, "DDIM's η"),
-                 ("model.lora_rank", self.lora_rank, 1, "the LoRA rank"))
+                 ("model.noise_level", self.noise_level, 0, "the flow SDE's noise level"),
+                 ("model.lora_rank", self.lora_rank, 1, "the LoRA rank"),
+                 ("model.height", self.height, 1, "the image height in pixels"),
+                 ("model.width", self.width, 1, "the image width in pixels"))
+        finite(("model.guidance_scale", self.guidance_scale, "the classifier-free guidance weight"),
+               ("model.noise_level", self.noise_level, "the flow SDE's noise level"))
+        if self.eta > 1:
+            # DDIM's σ_t = η·sqrt((1−ᾱ_{t−1})/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_{t−1}) exceeds the posterior's spread for η > 1,
+            # and the mean's sqrt(1 − ᾱ_{t−1} − σ_t²) can turn NaN (Song et al. 2021, eq. 12 and 16)
+            raise ConfigError(f"model.eta (DDIM's η) must be in [0, 1], got {self.eta}: 1 is the DDPM-like "
+                              "sampler every policy-gradient method needs, 0 the deterministic DDIM.")
 
 
 def resolve_pretrained(pretrained: str) -> str:
@@ -142,6 +155,100 @@ def _missing_model_message(path: str) -> str:
     )
 
 
+def _check_local_path(path: str) -> None:
+    """Refuse a local model path that is not a pipeline directory, naming what it is instead."""
+    if os.path.isfile(path):
+        raise ConfigError(f"model path {path!r} is a file, not a pipeline directory. Point model.pretrained (or "
+                          "model=path:/dir) at the directory that holds model_index.json (pipe.save_pretrained(dir) "
+                          "writes one), or use the embedded model with model=tiny.")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise ConfigError(
+            f"{path!r} is not a diffusers pipeline directory (no model_index.json). Save one with "
+            "pipe.save_pretrained(dir), or use the embedded model with model=tiny."
+        )
+
+
+def _read_json(path: Path) -> dict:
+    """A pipeline's JSON file as a dict; a malformed one is a ConfigError naming it."""
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{path} is not valid JSON ({e}). Restore it from the model's source (or save the "
+                          "pipeline again with pipe.save_pretrained), or use the embedded model with "
+                          "model=tiny.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not the object diffusers writes. Restore "
+                          "it from the model's source, or use the embedded model with model=tiny.")
+    return value
+
+
+def pipeline_directory(pretrained: str) -> Path | None:
+    """The directory of a model's files, found without loading anything: a local pipeline directory, or the
+    snapshot of a hub id in the local Hugging Face cache; None for a hub id that is not cached."""
+    path = resolve_pretrained(pretrained)
+    _check_local_path(path)
+    if os.path.isdir(path):
+        return Path(path)
+    if path.startswith(("/", ".", "~")) or path.count("/") != 1:
+        return None  # load_pipeline names the missing directory
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(path, "model_index.json")
+    return Path(index).parent if isinstance(index, str) else None
+
+
+def size_multiple(vae_config, denoiser_config) -> int:
+    """The image sizes (pixels) a pipeline can take are multiples of this: the VAE's downscaling times the
+    denoiser's (a UNet halves the latent at every down block but the last; a transformer cuts it into patches)."""
+    multiple = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if "down_block_types" in denoiser_config:
+        return multiple * 2 ** (len(denoiser_config["down_block_types"]) - 1)
+    return multiple * int(denoiser_config.get("patch_size") or 1)
+
+
+def check_image_size(config: PolicyConfig, multiple: int, default: int) -> None:
+    """Refuse a ``model.height`` / ``model.width`` that is not a multiple of ``multiple`` (``size_multiple``)."""
+    for key in ("height", "width"):
+        value = getattr(config, key)
+        if value is not None and value % multiple:
+            nearest = max(multiple, round(value / multiple) * multiple)
+            raise ConfigError(f"model.{key}={value} is a size this model cannot generate: its VAE and denoiser take "
+                              f"multiples of {multiple} pixels. Use e.g. model.{key}={nearest}, or model.{key}=null "
+                              f"for the model's own size ({default}).")
+
+
+def check_pipeline_files(config: PolicyConfig) -> str | None:
+    """Check a model's files before any weight loads: a readable ``model_index.json`` naming a text-to-image
+    latent pipeline this toolkit wraps, and an image size its VAE and denoiser can take (``check_image_size``).
+
+    Returns the sampler family, ``"flow"`` (a flow-matching scheduler, e.g. SD3) or ``"ddim"``, or None when
+    the files are not on this machine (``load_pipeline`` then says what to download). Raises ConfigError."""
+    directory = pipeline_directory(config.pretrained)
+    if directory is None:
+        return None
+    index_file = directory / "model_index.json"
+    index = _read_json(index_file)
+    present = {k for k, v in index.items() if not k.startswith("_") and v not in (None, [None, None])}
+    denoiser = "unet" if "unet" in present else "transformer"
+    missing = [k for k in ("vae", "text_encoder", denoiser) if k not in present]
+    if missing:
+        raise ConfigError(
+            f"{index_file} describes a {index.get('_class_name', 'pipeline')} with no {' and no '.join(missing)}: "
+            "rl4diffusion fine-tunes text-to-image latent pipelines (Stable Diffusion 1.x/2.x, SDXL, SD3 and others "
+            "with a vae, a text_encoder and a unet or transformer). Point model.pretrained at such a pipeline, or "
+            "use the embedded model with model=tiny.")
+    vae_file, denoiser_file = directory / "vae" / "config.json", directory / denoiser / "config.json"
+    if vae_file.is_file() and denoiser_file.is_file():
+        vae, network = _read_json(vae_file), _read_json(denoiser_file)
+        if "block_out_channels" in vae and isinstance(network.get("sample_size"), int):
+            multiple = size_multiple(vae, network)
+            check_image_size(config, multiple, network["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1))
+    scheduler = index.get("scheduler") or [None, ""]
+    return "flow" if "FlowMatch" in str(scheduler[-1]) else "ddim"
+
+
 def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
     """Load a diffusers pipeline from a local directory or the local hub cache, never the network.
 
@@ -150,22 +257,16 @@ def load_pipeline(pretrained: str, *, dtype: torch.dtype = torch.float32):
     from diffusers import DiffusionPipeline
 
     path = resolve_pretrained(pretrained)
+    _check_local_path(path)
     is_local = os.path.isdir(path)
     if not is_local and (path.startswith(("/", ".", "~")) or os.sep in path.strip("/").split("/", 1)[-1]):
         raise ConfigError(
             f"model path {path!r} does not exist. Point model.pretrained (or model=path:/dir) at a diffusers "
             "pipeline directory (one with model_index.json), or use the embedded model with model=tiny."
         )
-    if is_local and not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise ConfigError(
-            f"{path!r} is not a diffusers pipeline directory (no model_index.json). Save one with "
-            "pipe.save_pretrained(dir), or use the embedded model with model=tiny."
-        )
     absent = {}  # components saved as absent (e.g. SD3 without T5) must be passed as None explicitly
     if is_local:
-        import json
-
-        index = json.loads(Path(path, "model_index.json").read_text())
+        index = _read_json(Path(path, "model_index.json"))
         absent = {k: None for k, v in index.items() if not k.startswith("_") and v in ([None, None], None)}
     try:
         pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype, **absent)
@@ -222,6 +323,8 @@ class DiffusionPolicy(nn.Module):
         sample_size = self.unet.config.sample_size
         self.height = self.config.height or sample_size * self.vae_scale_factor
         self.width = self.config.width or sample_size * self.vae_scale_factor
+        check_image_size(self.config, size_multiple(self.vae.config, self.unet.config),
+                         sample_size * self.vae_scale_factor)
         self.latent_shape = (self.unet.config.in_channels, self.height // self.vae_scale_factor,
                              self.width // self.vae_scale_factor)
         self._set_up_schedule(device)
@@ -261,6 +364,7 @@ class DiffusionPolicy(nn.Module):
         only through its own ``from_pretrained``.
         """
         config = PolicyConfig(pretrained=pretrained, **options)
+        check_pipeline_files(config)  # a wrong model or image size fails before seconds of loading
         pipe = load_pipeline(pretrained, dtype=_DTYPES[config.dtype])
         return cls._class_for(pipe)(pipe, config, device=device)
 
@@ -346,16 +450,18 @@ class DiffusionPolicy(nn.Module):
         return {key: conditioning[key] for key in self.extra_conditioning_keys}
 
     def _negative_conditioning(self) -> dict[str, torch.Tensor]:
-        """The unconditional half of classifier-free guidance: the empty prompt's conditioning, unbatched.
+        """The unconditional half of classifier-free guidance: the conditioning of ``config.negative_prompt``
+        (the empty prompt by default), unbatched.
 
         Read straight from the cache: this runs at every guided network call, inside the denoising loop."""
-        if "" not in self._embed_cache:
-            self._conditioning([""])
-        return self._embed_cache[""]
+        negative = self.config.negative_prompt
+        if negative not in self._embed_cache:
+            self._conditioning([negative])
+        return self._embed_cache[negative]
 
     @property
     def negative_embeds(self) -> torch.Tensor:
-        """The unconditional (empty prompt) embedding [L, D] used by classifier-free guidance."""
+        """The unconditional (negative prompt) embedding [L, D] used by classifier-free guidance."""
         return self._negative_conditioning()[keys.PROMPT_EMBEDS]
 
     # ------------------------------------------------------------------ the network and the reference
@@ -549,6 +655,32 @@ class DiffusionPolicy(nn.Module):
                                       use_reference=use_reference)
             x = self.step(out, x, t, generator=generator, eta=eta).prev_sample
         return {"latents": x, "images": self.decode(x)}
+
+    @contextlib.contextmanager
+    def sampling_settings(self, *, num_steps: int | None = None,
+                          guidance_scale: float | None = None) -> Iterator[None]:
+        """Within this block the policy samples with ``num_steps`` denoising steps and guidance weight
+        ``guidance_scale`` (None: keep the config's), then returns to its own settings.
+
+        Evaluation uses it to sample with other settings than training (``eval.num_steps``,
+        ``eval.guidance_scale``); a new step count rebuilds the schedule for the block's duration. Stored
+        transitions are scored with the schedule they were sampled with, so do not train inside it.
+        """
+        changes = {key: value for key, value in (("num_steps", num_steps), ("guidance_scale", guidance_scale))
+                   if value is not None and value != getattr(self.config, key)}
+        if not changes:
+            yield
+            return
+        saved = self.config
+        self.config = replace(saved, **changes)
+        try:
+            if "num_steps" in changes:
+                self._set_up_schedule(self.device)
+            yield
+        finally:
+            self.config = saved
+            if "num_steps" in changes:
+                self._set_up_schedule(self.device)
 
     # ------------------------------------------------------------------ parameters and checkpoints
     def _make_trainable(self, frozen_dtype: torch.dtype) -> nn.Module | None:

@@ -7,10 +7,11 @@ from rl4diffusion.rewards import (
 )
 from rl4diffusion.rewards.registry import (
     Reward,
+    RewardError,
     available_rewards,
     build_reward,
     describe_rewards,
     register_reward,
 )
 
-__all__ = ["Reward", "available_rewards", "build_reward", "describe_rewards", "register_reward"]
+__all__ = ["Reward", "RewardError", "available_rewards", "build_reward", "describe_rewards", "register_reward"]

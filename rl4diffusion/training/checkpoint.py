@@ -13,6 +13,9 @@ Layout::
     <run>/checkpoints/step_000010/lora/                    the adapter in diffusers format
     <run>/checkpoints/latest                               "step_000010"
 
+A write that fails (a full disk, a file-size limit, a second signal) removes the temporary directory before
+the error goes on, so nothing half-written is left; a ``kill -9`` leaves it to ``remove_stale_files``.
+
 A resume takes the newest checkpoint that verifies (``latest_checkpoint``): each ``step_*`` directory,
 newest first, must have a ``state.pt`` that ``torch.load(weights_only=True)`` reads, a
 ``trainable.safetensors`` that safetensors reads, and accelerate's optimiser and RNG files. A broken one is
@@ -22,6 +25,7 @@ skipped with a warning that names it. ``latest`` is only a hint, but one that po
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -66,8 +70,12 @@ def load_trainable(policy, directory: str | Path) -> None:
     load_trainable_state(policy, tensors)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, policy, accelerator, *, keep_last: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, policy, accelerator, *, keep_last: int = 2,
+                    lora_weights=contextlib.nullcontext) -> Path:
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last``.
+
+    ``lora_weights()`` is a context in which the policy holds the weights its ``lora/`` exports (the EMA's,
+    see ``Updater.averaged_weights``); the trainable weights that a resume loads are always the raw ones.
 
     Every process calls this (accelerate's ``save_state`` is collective: each process writes its RNG
     state, and sharded models their shards); the main process renames and moves the pointer.
@@ -81,19 +89,30 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, policy, acceler
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))  # optimisers, RNGs, other modules; trainable weights by hook
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp / "accelerate"))  # optimisers, RNGs, other modules; trainable weights by hook
+        accelerator.wait_for_everyone()
+        if main:
+            torch.save(state, tmp / "state.pt")
+            with lora_weights():
+                policy.save_pretrained_lora(tmp / "lora")
+            _fsync_tree(tmp)  # contents first: the rename must never publish files still in the page cache
+    except BaseException:  # a full disk, a second signal: leave nothing half-written (a kill -9 leaves it to
+        if main:  # remove_stale_files at the next start)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if main:
-        torch.save(state, tmp / "state.pt")
-        policy.save_pretrained_lora(tmp / "lora")
-        _fsync_tree(tmp)  # contents first: the rename must never publish files still in the page cache
         if final.exists():  # re-writing the same step (e.g. after a resume): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
         pointer_tmp = root / f".latest_{os.getpid()}"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, root / "latest")  # the pointer moves last
+        try:
+            pointer_tmp.write_text(name)
+            os.replace(pointer_tmp, root / "latest")  # the pointer moves last
+        except BaseException:
+            pointer_tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(root)
         # prune among the steps up to this one: a newer step_* is a broken leftover that a resume skipped (it
         # is replaced when training gets there), and counting it would delete a valid one instead

@@ -16,6 +16,9 @@ The dataclass defaults are what runs; a YAML line only overrides one, with its r
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +27,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from rl4diffusion.errors import ConfigError
 from rl4diffusion.policies.base import PolicyConfig
 from rl4diffusion.schema import at_least, hydra_node, instantiate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +66,11 @@ class EvalConfig:
     """Epochs between evaluations (the base model and the final one are always evaluated; 0 = only those)."""
     every_queries: int | None = None
     """Also evaluate each time the training reward queries pass a multiple of this."""
-    prompt_sets: list[Any] = field(default_factory=lambda: ["train", "heldout"])
-    """Prompt sets (names, .txt files or lists), each evaluated on the same fixed seeds."""
+    prompt_sets: Any = "auto"
+    """Prompt sets, each evaluated on the same fixed seeds: a list of set names, .txt files or prompt lists,
+    or a mapping {name: set}. auto = train and heldout when prompts= is a shapes-world set (train, heldout,
+    all), else the training prompts (one set named after the .txt file, or "prompts"); config.yaml records
+    what it stood for. null = no evaluation at all (an empty list is refused: say null)."""
     samples_per_prompt: int = 2
     """Images per prompt at evaluation."""
     seed: int = 1234
@@ -73,15 +81,45 @@ class EvalConfig:
     """Features of diversity and FID: auto = DreamSim / Inception when their weights exist, else the judge's."""
     reference_size: int = 256
     """Dataset images for FID (shapes-world prompt sets only)."""
+    num_steps: int | None = None
+    """Denoising steps of evaluation samples (None = model.num_steps, training's)."""
+    guidance_scale: float | None = None
+    """Guidance weight of evaluation samples (None = model.guidance_scale, training's)."""
 
     def validate(self) -> None:
         at_least(("eval.every", self.every, 0, "epochs between evaluations (0 = base and final only)"),
                  ("eval.every_queries", self.every_queries, 1, "reward queries between evaluations"),
                  ("eval.samples_per_prompt", self.samples_per_prompt, 1, "images per prompt at evaluation"),
-                 ("eval.reference_size", self.reference_size, 1, "dataset images for FID"))
+                 ("eval.reference_size", self.reference_size, 1, "dataset images for FID"),
+                 ("eval.num_steps", self.num_steps, 1, "denoising steps of evaluation samples"),
+                 ("eval.guidance_scale", self.guidance_scale, 0, "the guidance weight of evaluation samples"))
         if self.metrics and self.samples_per_prompt == 1:
             raise ConfigError("eval.samples_per_prompt=1 leaves no pairs for the diversity metric: use ≥ 2, "
                               "or turn the metrics off with eval.metrics=false.")
+
+
+@dataclass
+class OptimConfig:
+    """The optimisation options every algorithm shares (its learning rate itself is ``algo.lr``)."""
+
+    grad_accumulation: int = 1
+    """Consecutive optimisation steps merged into one optimiser step (their losses averaged): k steps over
+    minibatches of m act as one step over k·m. Algorithms whose steps depend on the previous update refuse k > 1."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up over this many optimiser steps n: step k = 1, 2, … trains at lr·min(1, k/n) (0 = none)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """After warm-up: constant, or cosine over epochs (epoch e of E trains at lr·½(1 + cos(π(e−1)/E)))."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the trained weights with this decay (e.g. 0.999; None = off);
+    evaluation and the saved LoRA use it."""
+
+    def validate(self) -> None:
+        at_least(("optim.grad_accumulation", self.grad_accumulation, 1, "optimisation steps per optimiser step"),
+                 ("optim.lr_warmup_steps", self.lr_warmup_steps, 0, "warm-up optimiser steps"),
+                 ("optim.ema_decay", self.ema_decay, 0, "the EMA decay"))
+        if self.ema_decay is not None and self.ema_decay >= 1:
+            raise ConfigError(f"optim.ema_decay (the EMA decay) must be < 1, got {self.ema_decay}: at 1 the "
+                              "average never moves. Typical values are 0.99 to 0.9999; null turns EMA off.")
 
 
 @dataclass
@@ -102,10 +140,17 @@ class TrainConfig:
     """train | heldout | all (the shapes world), animals, a .txt file, or a list of prompts."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps | xpu."""
-    threads: int = 0
-    """Torch CPU threads (0 = torch's default)."""
+    threads: int | str = "auto"
+    """Torch CPU threads: auto = $OMP_NUM_THREADS when set, else half the cores (two runs sharing a machine do not
+    oversubscribe it), N = N, 0 = torch's default (every core)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Accelerate's autocast for the forward passes (trainable weights stay float32)."""
+    sample_chunks: int = 1
+    """Sample each epoch's chains in this many sub-batches (ddpo-pytorch's num_batches_per_epoch); must
+    divide the batch. Fewer chains in memory at once; other sampling noise than 1 chunk."""
+    reward_async: bool = False
+    """Score each sub-batch on a worker thread while the next one samples (for a reward on another device or
+    process; identical results to false). Algorithms that sample chains for a reward only."""
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Accelerate trackers: tensorboard, wandb (offline with WANDB_MODE=offline), mlflow, … ([] = none)."""
     progress: bool = True
@@ -122,13 +167,48 @@ class TrainConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def validate(self) -> None:
         at_least(("epochs", self.epochs, 1, "the number of collect → update cycles"),
-                 ("threads", self.threads, 0, "torch CPU threads (0 = default)"),
-                 ("max_skipped_updates", self.max_skipped_updates, 0, "non-finite updates tolerated before aborting"))
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps", "xpu")):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N (or mps, xpu), got {self.device!r}.")
+                 ("max_skipped_updates", self.max_skipped_updates, 0, "non-finite updates tolerated before aborting"),
+                 ("sample_chunks", self.sample_chunks, 1, "sub-batches an epoch's chains are sampled in"))
+        if self.threads != "auto" and (type(self.threads) is not int or self.threads < 0):
+            raise ConfigError(f"threads must be auto (half the cores, or $OMP_NUM_THREADS) or a number of torch CPU "
+                              f"threads ≥ 1 (0 = torch's default, every core), got {self.threads!r}.")
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N with N a device number (or mps, xpu, "
+                              f"xpu:N), got {self.device!r}.")
+        if self.resume is not None and not self.resume.strip():
+            raise ConfigError("resume= is empty: give the run directory to continue, e.g. "
+                              "resume=runs/2025-01-01/12-00-00_ddpo, or leave resume out to start a new run.")
+        if self.eval.prompt_sets in ([], {}, ""):
+            raise ConfigError(f"eval.prompt_sets={self.eval.prompt_sets!r} evaluates nothing: the run would report no "
+                              "base, evaluation or final results. Give the sets (e.g. eval.prompt_sets=auto or "
+                              "[train,heldout]), or, to train without any evaluation, say so with "
+                              "eval.prompt_sets=null.")
+        check_learning_rates(self.algo)
+
+
+LR_RANGE = (1e-8, 1e-2)
+"""Learning rates outside this range are allowed with a warning: LoRA fine-tuning uses 1e-5 … 1e-3 (DDPO 3e-4,
+DPOK 1e-5, Diffusion-DPO 1e-8 × batch size, AlignProp 1e-3)."""
+
+
+def check_learning_rates(algo_options: Any) -> None:
+    """Refuse a non-finite or non-positive ``algo.lr`` (or ``algo.*_lr``), and warn outside ``LR_RANGE``, where
+    an update either destroys the weights or does nothing."""
+    if not isinstance(algo_options, dict):
+        return
+    for key, value in algo_options.items():
+        if not (key == "lr" or key.endswith("_lr")) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"algo.{key} (a learning rate) must be a finite number > 0, got {value}. Typical LoRA "
+                              f"learning rates are 1e-5 to 1e-3.")
+        if not LR_RANGE[0] <= value <= LR_RANGE[1]:
+            log.warning("algo.%s=%g is outside the usual range of learning rates [%g, %g]: %s", key, value, *LR_RANGE,
+                        "the weights may blow up" if value > LR_RANGE[1] else "training may not move")
 
 
 def validate_train_config(cfg: DictConfig) -> None:

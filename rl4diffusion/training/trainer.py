@@ -27,12 +27,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from rl4diffusion import keys
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.rewards.registry import in_reward_call
 from rl4diffusion.training import rundir
 from rl4diffusion.training.checkpoint import latest_checkpoint, remove_stale_files
+from rl4diffusion.training.runlog import eval_line, final_line
 
 
 class TrainingAborted(Exception):
     """Training stopped on purpose (too many non-finite updates); the message says why."""
+
+
+class WriteFailed(TrainingAborted):
+    """A write to the run directory failed for good (a full disk, a file-size limit, a read-only or failing
+    disk); the message names the last good checkpoint."""
 
 
 log = logging.getLogger("rl4diffusion.train")
@@ -42,6 +49,19 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_threads(setting: int | str) -> int:
+    """Torch CPU threads for ``threads=``: ``auto`` → ``$OMP_NUM_THREADS`` when set, else half the cores this
+    process may use (at least one), so that two runs sharing a machine do not oversubscribe it; ``N`` → N;
+    0 → torch's default (every core: returned as 0, nothing to set)."""
+    if setting != "auto":
+        return int(setting)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> rundir.RunDir:
@@ -121,7 +141,12 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish the current update, checkpoint and exit cleanly."""
+    """SIGINT/SIGTERM ask the loop to finish the current update, checkpoint and exit cleanly.
+
+    A signal that arrives while a reward is scoring (``rewards.registry.in_reward_call``) stops at once with
+    KeyboardInterrupt instead: a reward that hangs would otherwise keep the run alive forever. The run then
+    exits 3, and a resume continues from the last checkpoint.
+    """
 
     def __init__(self):
         self.requested = False
@@ -134,7 +159,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: stop now
+        if self.requested or in_reward_call():  # a second signal, or one inside a reward call: stop now
             raise KeyboardInterrupt
         self.requested = True
         log.warning("received %s: finishing the current update, then checkpointing", signal.Signals(signum).name)
@@ -196,10 +221,17 @@ class Trainer:
 
         check_pretrained_available(str(cfg.model.pretrained))  # absent weights fail in seconds
         from rl4diffusion.rewards import build_reward
+        from rl4diffusion.training.runlog import quiet_libraries
 
-        if cfg.threads:
-            torch.set_num_threads(int(cfg.threads))
-        logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint INFO lines are noise here
+        threads = resolve_threads(cfg.threads)
+        if threads:
+            torch.set_num_threads(threads)
+        quiet_libraries(progress=bool(cfg.progress))  # other libraries' INFO lines and, without progress, their bars
+        from rl4diffusion.data.prompts import default_eval_sets
+
+        prompts_spec = OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts
+        if cfg.eval.prompt_sets == "auto":  # resolved first: config.yaml records the sets, and a resume compares them
+            cfg.eval.prompt_sets = default_eval_sets(prompts_spec)
         self.opened = prepare_run_dir(cfg, self.run_dir)
         self.run_dir = self.opened.path
         self.accelerator = build_accelerator(cfg, self.run_dir)
@@ -212,9 +244,10 @@ class Trainer:
 
         from rl4diffusion.algorithms import algorithm_classes, build_algorithm
         from rl4diffusion.algorithms.base import build_config, check_reward_compatible
-        from rl4diffusion.data.prompts import resolve_prompts
+        from rl4diffusion.data.prompts import named_prompt_sets, resolve_prompts
         from rl4diffusion.envs import DenoisingEnv
         from rl4diffusion.policies.base import DiffusionPolicy, PolicyConfig
+        from rl4diffusion.training.optimisation import check_grad_accumulation
         from rl4diffusion.training.runlog import RunLogger
 
         torch.manual_seed(cfg.seed)
@@ -227,12 +260,18 @@ class Trainer:
         self.algo_name = algo_options.pop("name")
         algo_cls, config_cls = algorithm_classes(self.algo_name)
         check_reward_compatible(algo_cls, self.reward)
+        check_grad_accumulation(algo_cls, int(cfg.optim.grad_accumulation))
         build_config(config_cls, dict(algo_options), self.algo_name)  # bad algo options fail before the model loads
-        self.prompts = resolve_prompts(OmegaConf.to_container(cfg.prompts) if OmegaConf.is_list(cfg.prompts)
-                                       else cfg.prompts)
-        eval_specs = OmegaConf.to_container(cfg.eval.prompt_sets, resolve=True)
-        self.eval_sets = {spec if isinstance(spec, str) else f"set{i}": resolve_prompts(spec)
-                          for i, spec in enumerate(eval_specs)}
+        self.prompts = resolve_prompts(prompts_spec)
+        eval_specs = named_prompt_sets(OmegaConf.to_container(cfg.eval, resolve=True)["prompt_sets"])
+        self.eval_sets = {name: resolve_prompts(spec) for name, spec in eval_specs.items()}
+        for where, checked in [("training", self.prompts), *[(f"evaluation set {n!r}", p)
+                                                             for n, p in self.eval_sets.items()]]:
+            problems = self.reward.check_prompts(checked)  # before the model loads, not at the first batch
+            if problems:
+                raise ConfigError(f"reward {self.reward.name!r} cannot score the {where} prompts: "
+                                  f"{' '.join(problems)} Give prompts it scores (prompts=, eval.prompt_sets=) "
+                                  "or choose another reward.")
         self.policy = DiffusionPolicy.from_pretrained(device=device, **model_options)
         self.algorithm = build_algorithm(self.algo_name, algo_options, self.policy, self.reward, seed=int(cfg.seed))
         batch_size = int(getattr(self.algorithm.config, "batch_size", 8))
@@ -247,15 +286,21 @@ class Trainer:
             self.algorithm.distributed = self.dist
         self.env = DenoisingEnv(self.policy, self.reward, self.prompts, batch_size=batch_size)
         self.env.set_seed(int(cfg.seed))
+        if batch_size % cfg.sample_chunks:
+            raise ConfigError(f"sample_chunks={cfg.sample_chunks} must divide the chains each process samples "
+                              f"per epoch ({batch_size}, from algo.batch_size); e.g. sample_chunks=2.")
+        self.env.core.sample_chunks, self.env.core.reward_async = int(cfg.sample_chunks), bool(cfg.reward_async)
         self._prepare()
         self.logger = RunLogger(self.run_dir, accelerator=self.accelerator, enabled=self.dist.is_main)
 
     def _prepare(self) -> None:
         """``accelerator.prepare`` the trainable modules and optimisers; checkpoint only the trainable weights."""
+        from rl4diffusion.training.config import OptimConfig
         from rl4diffusion.training.optimisation import Updater
 
         acc = self.accelerator
-        self.updater = Updater(self.algorithm, acc)
+        options = OptimConfig(**OmegaConf.to_container(self.cfg.optim, resolve=True))
+        self.updater = Updater(self.algorithm, acc, options=options, epochs=int(self.cfg.epochs))
         # accelerate lists the prepared module or, under DDP, the module it wrapped
         denoisers = (self.updater.denoiser, self.policy.unet)
 
@@ -293,6 +338,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluate
     def evaluate(self, step: int) -> dict:
+        """``_evaluate_sets`` with evaluation's sampler settings (``eval.num_steps``, ``eval.guidance_scale``)
+        and, with ``optim.ema_decay`` set, the EMA of the trained weights in the policy."""
+        with self.updater.averaged_weights(), self.policy.sampling_settings(**self.eval_sampling()):
+            return self._evaluate_sets(step)
+
+    def eval_sampling(self) -> dict:
+        """Evaluation's sampler settings, for ``policy.sampling_settings`` (None: training's)."""
+        return {"num_steps": self.cfg.eval.num_steps, "guidance_scale": self.cfg.eval.guidance_scale}
+
+    def _evaluate_sets(self, step: int) -> dict:
         """Fixed-seed samples of every evaluation prompt set: reward (and diversity, FID, win rate)."""
         from rl4diffusion.training.evaluation import evaluate
 
@@ -306,8 +361,7 @@ class Trainer:
                     samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
             results[name] = stats
             per_sample[name] = [round(float(r), 5) for r in sample_rewards]  # for head-to-head comparisons
-            self.logger.save_images(images[: 8 * cfg.eval.samples_per_prompt], f"eval_{step:05d}_{name}",
-                                    nrow=cfg.eval.samples_per_prompt * 2)
+            self._save_grids(step, name, set_prompts, images, sample_rewards)
         self.loop["eval_queries"] += self.reward.queries - before
         self.loop["eval_seconds"] += time.perf_counter() - t0
         self.loop["eval_cpu_seconds"] += time.process_time() - cpu0
@@ -317,35 +371,72 @@ class Trainer:
                              "train_cpu_s": self.cpu() - self.loop["eval_cpu_seconds"],
                              "sample_rewards": per_sample[name]})
         self.loop["last_eval"], self.loop["last_eval_step"] = results, step
+        log.info(eval_line(step, results, self.loop["base"]))
         return results
 
+    def _save_grids(self, step: int, name: str, prompts: list[str], images: torch.Tensor,
+                    rewards: torch.Tensor) -> None:
+        """Captioned grids of every prompt, the base model's images beside these (``training/grids.py``), into
+        ``images/`` and the trackers. The first evaluation of a set is the base model's: its images are kept."""
+        from rl4diffusion.training.grids import comparison_pages, to_uint8
+
+        first = name not in self.base_samples
+        if first:
+            self.base_samples[name] = (torch.from_numpy(to_uint8(images)), rewards.detach().float().cpu())
+        if not self.logger.enabled:
+            return
+        base_images, base_rewards = (None, None) if first else self.base_samples[name]
+        pages = comparison_pages(prompts, images, rewards, samples_per_prompt=int(self.cfg.eval.samples_per_prompt),
+                                 label="base" if first else f"step {step}", base_images=base_images,
+                                 base_rewards=base_rewards)
+        self.logger.save_pages(pages, f"eval_{step:05d}_{name}", step, tag=f"eval/{name}/images")
+
     def _set_up_evaluation(self) -> None:
-        """Metric networks, and the base model's samples of a resumed run (for FID vs base and win rate)."""
+        """Metric networks, and the base model's samples of a resumed run (for FID vs base, win rate and grids)."""
         from rl4diffusion.training.evaluation import EvalMetrics, reference_images, sample_fixed
 
         cfg = self.cfg
         self.eval_metrics = None
+        self.base_samples = {}  # prompt set → the base model's images (uint8, [N, H, W, 3]) and rewards, for grids
         if cfg.eval.metrics:
             refs = {name: reference_images(p, cfg.eval.reference_size, cfg.eval.seed)
                     for name, p in self.eval_sets.items()}
             self.eval_metrics = EvalMetrics(self.dist.device, cfg.eval.feature_space,
                                             {k: v for k, v in refs.items() if v is not None})
-        if self.eval_metrics is not None and self.loop["base"] is not None:
+        if self.loop["base"] is not None:  # a resumed run: the base model's samples again, on the same noise
+            from rl4diffusion.training.grids import to_uint8
+
             for name, set_prompts in self.eval_sets.items():
-                images, flat, _ = sample_fixed(self.policy, set_prompts, samples_per_prompt=cfg.eval.samples_per_prompt,
-                                               seed=cfg.eval.seed, use_reference=True)
-                self.eval_metrics.set_base(name, images, self.reward.fn(images, flat).float())
+                with self.policy.sampling_settings(**self.eval_sampling()):
+                    images, flat, _ = sample_fixed(self.policy, set_prompts, use_reference=True,
+                                                   samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
+                rewards = self.reward.fn(images, flat).float()
+                self.base_samples[name] = (torch.from_numpy(to_uint8(images)), rewards.cpu())
+                if self.eval_metrics is not None:
+                    self.eval_metrics.set_base(name, images, rewards)
 
     # ---------------------------------------------------------------- checkpoint
     def checkpoint(self) -> None:
-        """Write the run's state atomically (accelerate's save_state inside our temporary directory)."""
+        """Write the run's state atomically (accelerate's save_state inside our temporary directory).
+
+        A write that fails for good raises WriteFailed; its temporary directory is gone, and the previous
+        checkpoint is still the newest.
+        """
         from rl4diffusion.training.checkpoint import save_checkpoint
 
         self.loop["wall_before"], self.loop["cpu_before"] = self.wall(), self.cpu()
         state = {"algorithm": self.algorithm.state_dict(), "env_rng": self.env.rng.get_state(),
-                 "reward_queries": self.reward.queries, "loop": json.dumps(self.loop)}
-        path = save_checkpoint(self.run_dir, self.loop["epoch"], state, self.policy, self.accelerator,
-                               keep_last=int(self.cfg.checkpoint.keep_last))
+                 "reward_queries": self.reward.queries, "loop": json.dumps(self.loop),
+                 "optimisation": self.updater.state_dict()}
+        try:
+            path = save_checkpoint(self.run_dir, self.loop["epoch"], state, self.policy, self.accelerator,
+                                   keep_last=int(self.cfg.checkpoint.keep_last),
+                                   lora_weights=self.updater.averaged_weights)
+        except Exception as e:
+            why = rundir.write_failure(e, self.run_dir)
+            if why is None:
+                raise
+            raise WriteFailed(f"could not write checkpoint step_{self.loop['epoch']:06d}: {why}") from e
         self.opened.checkpoint = path.name
         self.opened.record("running", epoch=self.loop["epoch"])
         self.start, self.cpu_start = time.perf_counter(), time.process_time()
@@ -361,6 +452,8 @@ class Trainer:
         if checkpoint is not None:
             saved = load_state(checkpoint)
             self.algorithm.load_state_dict(saved["algorithm"])
+            if "optimisation" in saved:  # the learning-rate schedule's step counts, the EMA weights
+                self.updater.load_state_dict(saved["optimisation"])
             self.env.rng.set_state(saved["env_rng"])
             self.reward.queries = int(saved["reward_queries"])
             self.loop.update(json.loads(saved["loop"]))
@@ -372,9 +465,13 @@ class Trainer:
     # ---------------------------------------------------------------- fit
     def fit(self) -> dict:
         """collect → update for ``cfg.epochs`` epochs (or until a budget is spent); returns the summary."""
+        from contextlib import nullcontext
+
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         from rl4diffusion.data import terminal_rewards
+        from rl4diffusion.training.runlog import EpochLines, epoch_line, progress_postfix
 
         cfg, loop = self.cfg, self.loop
         checkpoint = self._restore()
@@ -383,11 +480,10 @@ class Trainer:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
             self.accelerator.init_trackers("tb", config=_flat_hparams(cfg))
         log.info("run directory: %s", self.run_dir)
-        log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d", self.algo_name, self.reward.name,
-                 cfg.model.pretrained, len(self.prompts), cfg.epochs)
+        log.info("algo=%s reward=%s model=%s prompts=%d epochs=%d threads=%d", self.algo_name, self.reward.name,
+                 cfg.model.pretrained, len(self.prompts), cfg.epochs, torch.get_num_threads())
         if loop["base"] is None:
-            loop["base"] = self.evaluate(0)
-            log.info("base eval: %s", {k: round(v["reward_mean"], 4) for k, v in loop["base"].items()})
+            loop["base"] = self.evaluate(0)  # logs its line: the base model's reward and diversity
         if checkpoint is not None:  # last, so that nothing above (metric networks, base samples) shifts the RNGs
             self.accelerator.load_state(str(checkpoint / "accelerate"))
         # the training clocks (re)start here: loading, metric set-up and the base samples are not training
@@ -396,7 +492,9 @@ class Trainer:
             loop["eval_seconds"] = loop["eval_cpu_seconds"] = 0.0
 
         interrupted = False
-        with StopRequest() as stop:
+        epoch_lines = EpochLines(int(cfg.epochs))  # without the bar: a line per epoch, ~10 per long run
+        # with the bar, log lines (evaluations, warnings) print above it instead of breaking it
+        with StopRequest() as stop, logging_redirect_tqdm() if cfg.progress else nullcontext():
             bar = tqdm(range(loop["epoch"] + 1, cfg.epochs + 1), desc=self.algo_name, disable=not cfg.progress,
                        dynamic_ncols=True)
             for epoch in bar:
@@ -411,7 +509,7 @@ class Trainer:
                     log.warning("epoch %d: non-finite reward in the batch; update skipped", epoch)
                     metrics, skipped = {}, 1
                 else:
-                    metrics = self.updater(batch)
+                    metrics = self.updater(batch, epoch=epoch)
                     skipped = self.updater.skipped
                     if skipped:
                         log.warning("epoch %d: %d optimisation step(s) with a non-finite loss or gradient were "
@@ -427,7 +525,9 @@ class Trainer:
                                "train_cpu_s": self.cpu() - loop["eval_cpu_seconds"]})
                 self.logger.log(record)
                 loop["epoch"] = epoch
-                bar.set_postfix(reward=f"{record.get('reward_mean', float('nan')):.4f}")
+                bar.set_postfix(progress_postfix(record))
+                if not cfg.progress and epoch_lines.due(epoch):
+                    log.info(epoch_line(epoch, int(cfg.epochs), record))
                 query_evals = record["reward_queries"] // cfg.eval.every_queries if cfg.eval.get("every_queries") else 0
                 by_epoch = cfg.eval.every and epoch % cfg.eval.every == 0
                 if (by_epoch or query_evals > loop["query_evals"]) and epoch != cfg.epochs:
@@ -456,7 +556,8 @@ class Trainer:
     def _finish(self, final: dict) -> dict:
         cfg, loop = self.cfg, self.loop
         if cfg.save_lora and self.dist.is_main:
-            self.policy.save_pretrained_lora(self.run_dir / "lora")
+            with self.updater.averaged_weights():  # the EMA weights when optim.ema_decay is set
+                self.policy.save_pretrained_lora(self.run_dir / "lora")
         base = loop["base"]
         summary = {
             "algo": self.algo_name, "reward": self.reward.name, "model": cfg.model.pretrained, "seed": int(cfg.seed),
@@ -468,8 +569,7 @@ class Trainer:
         }
         self.logger.write_json("summary.json", summary)
         self.close()
-        log.info("final eval: %s (base %s)", {k: round(v["reward_mean"], 4) for k, v in final.items()},
-                 {k: round(v["reward_mean"], 4) for k, v in base.items()})
+        log.info(final_line(int(loop["epoch"]), final, base))
         return summary
 
     def close(self) -> None:
@@ -499,17 +599,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train as ``cfg`` says and write the run directory; returns the summary (``{}`` if interrupted).
 
     The run directory is locked while it runs, and ``<run>/run_state.json`` ends as "finished", "interrupted"
-    or "failed" with the exit code the command line gives (``rundir.py`` lists them).
+    or "failed" with the exit code the command line gives (``rundir.py`` lists them). SIGTERM during
+    start-up raises KeyboardInterrupt, as SIGINT does; a KeyboardInterrupt leaves with a one-line message
+    that says how to continue. A write that fails for good (a full disk, …) is raised as WriteFailed naming
+    the last good checkpoint, with a torn last line of ``metrics.jsonl`` cut off.
     """
     trainer = Trainer(cfg, run_dir)
+    # a full disk also breaks train.log's handler: drop its lines rather than print a traceback for each
+    logging_raised = logging.raiseExceptions
+    logging.raiseExceptions = False
     try:
-        trainer.build()
-        summary = trainer.fit()
+        with rundir.sigterm_interrupts():
+            trainer.build()
+            summary = trainer.fit()
     except BaseException as e:
+        error = _write_failed(trainer, e) or (_interrupted(trainer) if isinstance(e, KeyboardInterrupt) else e)
         if trainer.opened is not None:
-            if isinstance(e, KeyboardInterrupt):  # a second signal: stopped at once; resumable all the same
+            if isinstance(error, KeyboardInterrupt):  # a second signal: stopped at once; resumable all the same
                 state, code = "interrupted", rundir.EXIT_INTERRUPTED
-            elif isinstance(e, ConfigError):
+            elif isinstance(error, ConfigError):
                 state, code = "failed", rundir.EXIT_BAD_INPUT
             else:
                 state, code = "failed", rundir.EXIT_FAILED
@@ -517,13 +625,46 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                 trainer.opened.record(state, epoch=trainer.loop["epoch"], exit_code=code)
             except OSError as write_error:  # a full disk, say: report the first error, not this one
                 log.warning("could not record the run's state: %s", write_error)
-        raise
+        if error is e:
+            raise
+        raise error from (e if isinstance(error, WriteFailed) else None)
     else:
         finished = bool(summary)  # {} when a signal stopped it after a checkpoint
         state = "finished" if finished else "interrupted"
         code = rundir.EXIT_FINISHED if finished else rundir.EXIT_INTERRUPTED
         trainer.opened.record(state, epoch=trainer.loop["epoch"], exit_code=code)
     finally:
+        logging.raiseExceptions = logging_raised
         if trainer.opened is not None:
             trainer.opened.close()
     return summary
+
+
+def _write_failed(trainer: Trainer, error: BaseException) -> WriteFailed | None:
+    """``error`` as a WriteFailed that names the last good checkpoint, when it is a write that failed for good."""
+    if isinstance(error, WriteFailed):
+        what = str(error)
+    elif isinstance(error, Exception) and (why := rundir.write_failure(error)) is not None:
+        what = f"could not write to the run directory {trainer.run_dir}: {why}"
+    else:
+        return None
+    rundir.drop_torn_line(trainer.run_dir / "metrics.jsonl")
+    checkpoint = trainer.opened.checkpoint if trainer.opened is not None else None
+    if checkpoint:
+        then = (f"The last good checkpoint is {checkpoint} ({trainer.run_dir / 'checkpoints' / checkpoint}); once "
+                f"the disk takes writes again, continue from it with resume={trainer.run_dir}.")
+    else:
+        then = "There is no checkpoint yet: once the disk takes writes again, start the run again."
+    return WriteFailed(f"{what}. {then} Nothing half-written was left.")
+
+
+def _interrupted(trainer: Trainer) -> KeyboardInterrupt:
+    """A KeyboardInterrupt whose message says where a resume would continue."""
+    checkpoint = trainer.opened.checkpoint if trainer.opened is not None else None
+    if checkpoint:
+        return KeyboardInterrupt(f"interrupted; continue from its last checkpoint ({checkpoint}) with "
+                                 f"resume={trainer.run_dir}")
+    if trainer.opened is not None:
+        return KeyboardInterrupt(f"interrupted before its first checkpoint; start it over with "
+                                 f"resume={trainer.run_dir} resume_restart=true, or start a new run")
+    return KeyboardInterrupt("interrupted while starting, before training began; nothing to continue from")
