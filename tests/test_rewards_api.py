@@ -62,3 +62,12 @@ def test_reward_output_shape_is_checked():
     r = build_reward("weighted", terms={"jpeg_compressibility": 1.0})
     with pytest.raises(ValueError, match="images"):
         r(torch.zeros(2, 1, 4, 4), ["a", "b"])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "heavy"])
+def test_a_weighted_sum_refuses_a_weight_that_is_not_a_finite_number(weight):
+    from rl4diffusion.errors import ConfigError
+    from rl4diffusion.rewards.registry import WeightedSum
+
+    with pytest.raises(ConfigError, match="weight of term 'shape_alignment' must be a finite number"):
+        WeightedSum({"shape_alignment": weight})

@@ -218,3 +218,10 @@ def test_the_default_run_fits_on_one_screen_with_grids_in_tensorboard(tmp_path):
         steps.update({tag: [e.step for e in events.Images(tag)] for tag in events.Tags()["images"]})
     assert {"eval/train/images_p1", "eval/train/images_p2", "eval/heldout/images_p1"} <= set(steps), steps
     assert steps["eval/train/images_p1"] == [0, 1, 2]
+
+
+def test_a_run_without_evaluation_says_so_in_its_lines():
+    from rl4diffusion.training.runlog import eval_line, final_line
+
+    assert eval_line(0, {}, None) == "base eval (step 0): no evaluation (eval.prompt_sets=null)"
+    assert final_line(3, {}, {}) == "final (step 3): no evaluation (eval.prompt_sets=null)"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import math
 import signal
 import threading
 import time
@@ -198,7 +199,16 @@ class WeightedSum:
     def __init__(self, terms: Mapping[str, float], device: str | torch.device = "cpu"):
         if not terms:
             raise ConfigError("reward=weighted needs at least one term, e.g. reward.terms={shape_alignment: 1.0}")
-        self.parts = [(build_reward(n, device=device), float(w)) for n, w in terms.items()]
+        weights = {}
+        for name, weight in terms.items():
+            try:
+                weights[name] = float(weight)
+            except (TypeError, ValueError):
+                weights[name] = math.nan
+            if not math.isfinite(weights[name]):
+                raise ConfigError(f"reward=weighted: the weight of term {name!r} must be a finite number, got "
+                                  f"{weight!r}; e.g. reward.terms={{{name}: 1.0}}.")
+        self.parts = [(build_reward(n, device=device), w) for n, w in weights.items()]
 
     def __call__(self, images, prompts):
         return sum(w * r(images, prompts) for r, w in self.parts)

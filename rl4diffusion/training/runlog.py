@@ -166,6 +166,8 @@ def eval_line(step: int, results: dict[str, dict], base: dict[str, dict] | None)
     """One line per evaluation, every prompt set: ``eval step 5: train reward -1.245 (base -1.700), diversity
     0.076, win rate 62% | heldout …`` (the base model's own evaluation has no base to compare with)."""
     head = "base eval (step 0)" if base is None else f"eval step {step}"
+    if not results:  # eval.prompt_sets=null: nothing is evaluated
+        return f"{head}: no evaluation (eval.prompt_sets=null)"
     return f"{head}: " + " | ".join(f"{name} {_set_summary(stats, (base or {}).get(name))}"
                                     for name, stats in results.items())
 
@@ -183,4 +185,4 @@ def final_line(step: int, final: dict[str, dict], base: dict[str, dict]) -> str:
             text += (f", win rate {stats['win_rate']:.0%} [{stats.get('win_rate_low', math.nan):.0%}, "
                      f"{stats.get('win_rate_high', math.nan):.0%}]")
         parts.append(text)
-    return f"final (step {step}): " + " | ".join(parts)
+    return f"final (step {step}): " + (" | ".join(parts) or "no evaluation (eval.prompt_sets=null)")
