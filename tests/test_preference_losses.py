@@ -108,7 +108,8 @@ def test_sdpo_and_dpo_cm_reduce_to_diffusion_dpo_with_unit_weights_and_no_mask()
         for threshold in (0.0, 0.9):  # w = 1 passes a 0.9 threshold
             out = fn(MW, ML, RW, RL, zeros, zeros, beta=BETA, clip_epsilon=0.2, mask_threshold=threshold)
             torch.testing.assert_close(out[key], dpo["loss_dpo"])
-            assert out["kept_fraction"].item() == 1.0 and out["implicit_accuracy"] == dpo["implicit_accuracy"]
+            assert out["masked_fraction"].item() == 0.0 and out["clipped_fraction"].item() == 0.0
+            assert out["weight_mean"].item() == 1.0 and out["implicit_accuracy"] == dpo["implicit_accuracy"]
         # and the gradients agree too
         mw = MW.clone().requires_grad_(True)
         fn(mw, ML, RW, RL, zeros, zeros, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)[key].backward()
@@ -125,8 +126,6 @@ def test_sdpo_clips_weights_inside_the_sigmoid_and_masks_low_weight_steps():
     u = [-BETA / 2 * (ww[i] * (MW[i] - RW[i]).item() - wl[i] * (ML[i] - RL[i]).item()) for i in range(2)]
     expected = sum(math.log(1 + math.exp(-x)) for x in u) / 2  # averaged over the two kept pairs
     assert out["loss_sdpo"].item() == pytest.approx(expected, rel=1e-5)
-    assert out["kept_fraction"].item() == 0.5
-    assert out["clipped_fraction"].item() == pytest.approx(2 / 8)  # 2.0 and 0.5 lie outside 1 ± 0.2
 
     cm = dpo_cm_loss(MW, ML, RW, RL, lw_w, lw_l, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)
     plain = hand_margins()
@@ -136,6 +135,60 @@ def test_sdpo_clips_weights_inside_the_sigmoid_and_masks_low_weight_steps():
     # every step masked: the loss is 0 (no update), not NaN
     low = torch.full((4,), math.log(0.1))
     assert sdpo_loss(MW, ML, RW, RL, low, low, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)["loss_sdpo"].item() == 0.0
+
+
+def test_weight_diagnostics_match_a_hand_count():
+    # raw weights of four pairs: pairs 2 and 3 masked (0.5 and 0.85 < 0.9); 2.0 and 0.5 lie outside 1 ± 0.2
+    w_w, w_l = torch.tensor([2.0, 0.95, 0.5, 1.0]), torch.tensor([1.0, 1.05, 1.0, 0.85])
+    log_w = torch.log(w_w), torch.log(w_l)
+    mean_log_w = sum(math.log(w) for w in [*w_w.tolist(), *w_l.tolist()]) / 8
+    sdpo = sdpo_loss(MW, ML, RW, RL, *log_w, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)
+    # SDPO clips each image's weight: 1.2, 0.95, 0.8, 1.0 (winners) and 1.0, 1.05, 1.0, 0.85 (losers)
+    assert sdpo["masked_fraction"].item() == 0.5
+    assert sdpo["clipped_fraction"].item() == pytest.approx(2 / 8)
+    assert sdpo["weight_mean"].item() == pytest.approx((1.2 + 0.95 + 0.8 + 1.0 + 1.0 + 1.05 + 1.0 + 0.85) / 8)
+    assert sdpo["log_weight_mean"].item() == pytest.approx(mean_log_w, abs=1e-6)
+    # DPO-C&M clips one weight per pair, √(w_w w_l): √2 → 1.2, √0.9975, √0.5 → 0.8, √0.85
+    cm = dpo_cm_loss(MW, ML, RW, RL, *log_w, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)
+    assert cm["masked_fraction"].item() == 0.5 and cm["clipped_fraction"].item() == pytest.approx(2 / 4)
+    assert cm["weight_mean"].item() == pytest.approx((1.2 + math.sqrt(0.9975) + 0.8 + math.sqrt(0.85)) / 4)
+    # unit weights change nothing; a threshold of 0 masks nothing
+    zeros = torch.zeros(4)
+    unit = sdpo_loss(MW, ML, RW, RL, zeros, zeros, beta=BETA, clip_epsilon=0.2, mask_threshold=0.9)
+    assert [unit[k].item() for k in ("masked_fraction", "clipped_fraction", "weight_mean")] == [0.0, 0.0, 1.0]
+    low = torch.full((4,), math.log(0.1))
+    all_kept = sdpo_loss(MW, ML, RW, RL, low, low, beta=BETA, clip_epsilon=0.2, mask_threshold=0.0)
+    assert all_kept["masked_fraction"].item() == 0.0 and all_kept["clipped_fraction"].item() == 1.0
+    assert all_kept["weight_mean"].item() == pytest.approx(0.8)
+
+
+def test_importance_weights_act_at_the_defaults_on_the_tiny_models_own_samples():
+    # with the per-dimension mean the weights sat in [0.9, 1.2] at every t > ~5: nothing masked or clipped, and
+    # SDPO / DPO-C&M were Diffusion-DPO with another β; the summed (exact) ratio must act
+    from rl4diffusion.policies.base import DiffusionPolicy
+
+    policy = DiffusionPolicy.from_pretrained("tiny")
+    prompts = ["a red circle", "a blue star", "a green square", "a yellow triangle"]
+    with torch.no_grad():
+        images = policy.sample(prompts * 4, generator=torch.Generator().manual_seed(0))["images"]
+        latents = policy.encode_images(images)  # as the preference pairs reach the algorithm
+    pairs = TensorDict({keys.LATENTS_W: latents[:8], keys.LATENTS_L: latents[8:],
+                        keys.PROMPT_EMBEDS: policy.encode_prompts(prompts * 2)}, batch_size=[8])
+
+    def diagnostics(cls, **options):
+        algo = cls(SDPOConfig(batch_size=8, minibatch_size=8, **options), policy,
+                   build_reward("jpeg_compressibility"), seed=0)
+        with torch.no_grad():  # four draws of 8 timesteps, the same for every config (same seed)
+            terms = [algo.loss_terms(pairs) for _ in range(4)]
+        return {k: sum(t[k].item() for t in terms) / 4 for k in ("masked_fraction", "clipped_fraction")}
+
+    assert SDPOConfig().weight_reduction == "sum"
+    for cls in (SDPO, DPOCM):
+        default = diagnostics(cls)
+        assert default["masked_fraction"] >= 0.2 and default["clipped_fraction"] > 0, (cls.name, default)
+        per_dimension = diagnostics(cls, weight_reduction="mean")
+        assert per_dimension["masked_fraction"] < default["masked_fraction"], (cls.name, per_dimension)
+        assert per_dimension["clipped_fraction"] < default["clipped_fraction"], (cls.name, per_dimension)
 
 
 def test_importance_weight_matches_the_ratio_of_two_normal_densities():
@@ -205,7 +258,10 @@ def test_each_algo_yaml_builds_its_validated_config(name, cls):
 def test_update_trains_only_the_adapter_and_the_reference_stays_the_base_model(make_policy, cls, cfg_cls):
     torch.manual_seed(0)
     policy = make_policy()
-    algo = cls(cfg_cls(lr=1e-2, batch_size=4, minibatch_size=4, caption_dropout=0.5), policy,
+    # a random UNet on random latents is far from q: the exact (summed) weight masks every pair and nothing would
+    # train; the per-dimension weight keeps them, which this plumbing test needs
+    weights = {"weight_reduction": "mean"} if cfg_cls is SDPOConfig else {}
+    algo = cls(cfg_cls(lr=1e-2, batch_size=4, minibatch_size=4, caption_dropout=0.5, **weights), policy,
                build_reward("jpeg_compressibility"), seed=0)
     pairs = _pairs(policy)
     x, t, c = pairs[keys.LATENTS_W], torch.full((4,), 500), pairs[keys.PROMPT_EMBEDS]
@@ -220,7 +276,7 @@ def test_update_trains_only_the_adapter_and_the_reference_stays_the_base_model(m
         if cls is DMPO:  # KL(Bern(½) ‖ Bern(1 − α))
             assert loss == pytest.approx(0.5 * math.log(0.5 / 0.99) + 0.5 * math.log(0.5 / 0.01), abs=1e-6)
         elif cls is DPOCM:  # log 2 times the mean clipped pair weight of the kept pairs
-            assert terms["kept_fraction"].item() > 0 and 0.8 * math.log(2) - 1e-6 <= loss <= 1.2 * math.log(2) + 1e-6
+            assert terms["masked_fraction"].item() < 1 and 0.8 * math.log(2) - 1e-6 <= loss <= 1.2 * math.log(2) + 1e-6
         else:  # Diffusion-DPO, and SDPO (u = 0 whatever the weights)
             assert loss == pytest.approx(math.log(2), abs=1e-6)
     metrics = Updater(algo)(pairs)
@@ -234,4 +290,5 @@ def test_update_trains_only_the_adapter_and_the_reference_stays_the_base_model(m
     if cls is not SFT:
         assert "diag/implicit_accuracy" in metrics and "loss/" + cls.name.replace("diffusion_", "") in metrics
     if cls in (DPOCM, SDPO):  # the importance-weight diagnostics are logged
-        assert 0 <= metrics["diag/kept_fraction"] <= 1 and metrics["diag/importance_weight"] > 0
+        assert 0 <= metrics["diag/masked_fraction"] <= 1 and 0 <= metrics["diag/clipped_fraction"] <= 1
+        assert 0.8 - 1e-6 <= metrics["diag/weight_mean"] <= 1.2 + 1e-6 and "diag/log_weight_mean" in metrics

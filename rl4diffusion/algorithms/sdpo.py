@@ -17,10 +17,18 @@ with both densities Gaussian (notation: α_t = ᾱ_t/ᾱ_{t−1}, β_t = 1 − �
 A sample x_{t−1} ~ q is drawn and log w_t = reduce_CHW[log p_θ(x_{t−1}) − log q(x_{t−1})].
 
 Choices (documented because the paper leaves them open):
-1. Reduction over latent dims: **mean** by default, like the policy log-probs (DDPO's convention).
-   Summed over 4×64×64 = 16k dims, log w is in the hundreds and w is 0 or ∞; the mean makes w a
-   per-dimension geometric-mean ratio that sits near 1 and can be clipped and thresholded.
-   ``weight_reduction=sum`` gives the exact density ratio.
+1. Reduction over latent dims: **sum** by default, because the paper's w_t is the ratio of the two
+   densities of the whole latent x_{t−1}: a product over its dimensions, a sum of their log-densities.
+   Measured on the tiny model's own samples (``benchmarks/importance_weights.py``): with the sum,
+   54 % of the training steps are masked and 45 % of the weights clipped, and the
+   weights are lowest at small t, as the paper reports for its "early" timesteps t ∈ [0, 100].
+   ``weight_reduction=mean`` takes the per-dimension geometric mean instead (DDPO's log-prob
+   convention), the D-th root of the ratio: it falls below the mask threshold only at t ≤ ~5 and is
+   clipped nowhere (0 % of the grid's steps masked or clipped), so both methods become Diffusion-DPO
+   with another β. Caveat: for the same per-dimension mismatch, log w grows with the number of latent
+   dims D; on 4×64×64 Stable Diffusion latents (64× the tiny model's 4×8×8) expect most steps masked,
+   so watch ``diag/masked_fraction``. No official code was available to see how the authors keep the
+   ratio in range on their video latents.
 2. At t = 0 the forward posterior is a point mass (β̃ = 0); its step carries no density ratio
    and gets w = 1.
 3. Weights use the policy's current conditional prediction (the same forward pass as the loss),
@@ -28,12 +36,14 @@ Choices (documented because the paper leaves them open):
 4. A pair's timestep is masked when either image's weight is below ``mask_threshold`` (winner
    and loser share t); the loss is averaged over the unmasked pairs of the minibatch.
 5. DPO-C&M weights each pair's *loss* by sg(clip(w_pair, 1 ± ε)) with w_pair = √(w_w·w_l) (the
-   per-dimension mean extended over the pair) and masks low-weight steps.
+   geometric mean of the pair's two weights) and masks low-weight steps.
    SDPO multiplies each image's DPO *log-ratio term* by its own sg(clip(w, 1 ± ε)) inside the sigmoid:
        u = −½·β·[ŵ_w (m_w − m_ref,w) − ŵ_l (m_l − m_ref,l)],  L = −Σ_kept log σ(u) / #kept.
    With every w = 1 and no mask both reduce exactly to Diffusion-DPO.
-Measured on the embedded world (mean reduction): low-noise steps (small t) get the lowest weights
-— the paper reports the same for its "early" timesteps t ∈ [0, 100].
+Every update logs whether the weights act (``weight_diagnostics``): ``diag/masked_fraction`` (pairs
+left out of the loss), ``diag/clipped_fraction`` and ``diag/weight_mean`` (the share of the weights
+the clip changed, and the mean clipped weight; SDPO's per image, DPO-C&M's per pair) and
+``diag/log_weight_mean`` (the raw log w, finite even where w itself under- or overflows).
 """
 
 from __future__ import annotations
@@ -62,8 +72,9 @@ class SDPOConfig(DiffusionDPOConfig):
     """Importance weights are clipped to [1 − ε, 1 + ε]."""
     mask_threshold: float = 0.9
     """Timesteps whose (unclipped) weight is below this are masked out of the loss."""
-    weight_reduction: Literal["mean", "sum"] = "mean"
-    """Reduce the per-element Gaussian log-ratio over latent dims by mean (default) or sum (exact ratio)."""
+    weight_reduction: Literal["mean", "sum"] = "sum"
+    """Reduce the per-element Gaussian log-ratio over latent dims by sum (default: the exact density ratio,
+    as in the paper) or mean (its per-dimension geometric mean, which sits near 1 and rarely acts)."""
 
     def validate(self) -> None:
         super().validate()
@@ -110,15 +121,41 @@ def importance_log_weights(
         return gaussian_log_prob(x_prev, mean_p, std, reduction) - gaussian_log_prob(x_prev, mean_q, std, reduction)
 
 
-def clipped_weights(log_weight: torch.Tensor, clip_epsilon: float, mask_threshold: float):
-    """(sg(clip(w, 1 − ε, 1 + ε)), keep = w ≥ threshold) from log w [B]."""
+def clip_weights(log_weight: torch.Tensor, clip_epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sg(clip(w, 1 − ε, 1 + ε)), whether the clip changed w) from log w [B]."""
     w = log_weight.detach().exp()
-    return w.clamp(1 - clip_epsilon, 1 + clip_epsilon), w >= mask_threshold
+    clipped = w.clamp(1 - clip_epsilon, 1 + clip_epsilon)
+    return clipped, clipped != w
+
+
+def kept_pairs(log_weight_w: torch.Tensor, log_weight_l: torch.Tensor, mask_threshold: float) -> torch.Tensor:
+    """A pair's timestep stays in the loss when both its weights are ≥ ``mask_threshold`` [B] bool."""
+    return (log_weight_w.detach().exp() >= mask_threshold) & (log_weight_l.detach().exp() >= mask_threshold)
 
 
 def _masked_mean(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep = keep.to(values.dtype)
     return (values * keep).sum() / keep.sum().clamp(min=1)
+
+
+def weight_diagnostics(applied: torch.Tensor, was_clipped: torch.Tensor, keep: torch.Tensor,
+                       log_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Whether the importance weights act: all 0 but ``weight_mean`` = 1 when they change nothing.
+
+    Args:
+        applied: the clipped weights, [B] (one per pair) or [B, 2] (winner, loser); the loss applies those of
+            the kept pairs; was_clipped: whether the clip changed each of them (same shape);
+        keep: the unmasked pairs [B]; log_weights: every raw log w of the minibatch.
+    Returns: ``masked_fraction`` (share of pairs left out of the loss), ``clipped_fraction`` (share of the
+    weights the clip changed), ``weight_mean`` (mean clipped weight), ``log_weight_mean`` (mean raw log w).
+    All are plain means over the minibatch, so the trainer's average over minibatches stays exact.
+    """
+    return {
+        "masked_fraction": 1 - keep.float().mean(),
+        "clipped_fraction": was_clipped.float().mean(),
+        "weight_mean": applied.mean(),
+        "log_weight_mean": log_weights.detach().mean(),
+    }
 
 
 def dpo_cm_loss(
@@ -128,13 +165,14 @@ def dpo_cm_loss(
     """DPO-C&M: Diffusion-DPO's per-pair loss weighted by sg(clip(√(w_w w_l))) over unmasked timesteps.
 
     Args: per-sample errors [B] as in ``diffusion_dpo_loss``; log importance weights [B] of winner and loser.
-    Returns: ``loss_dpo_cm``; diagnostics as ``importance_diagnostics``.
+    Returns: ``loss_dpo_cm``, implicit accuracy and margin, and ``weight_diagnostics`` of the pair weights.
     """
     u = preference_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
-    w_pair, _ = clipped_weights(0.5 * (log_weight_w + log_weight_l), clip_epsilon, 0.0)
-    keep = _keep(log_weight_w, log_weight_l, mask_threshold)
+    w_pair, was_clipped = clip_weights(0.5 * (log_weight_w + log_weight_l), clip_epsilon)
+    keep = kept_pairs(log_weight_w, log_weight_l, mask_threshold)
     return {"loss_dpo_cm": _masked_mean(w_pair * -F.logsigmoid(u), keep),
-            **importance_diagnostics(u, log_weight_w, log_weight_l, keep, clip_epsilon)}
+            "implicit_accuracy": (u > 0).float().mean().detach(), "margin": u.mean().detach(),
+            **weight_diagnostics(w_pair, was_clipped, keep, torch.cat([log_weight_w, log_weight_l]))}
 
 
 def sdpo_loss(
@@ -145,31 +183,18 @@ def sdpo_loss(
 
         u = −½·β·[ŵ_w (m_w − m_ref,w) − ŵ_l (m_l − m_ref,l)];  loss_sdpo = −Σ_kept log σ(u) / #kept
 
-    Returns: ``loss_sdpo``; diagnostics as ``importance_diagnostics`` (accuracy on the unweighted margin).
+    Returns: ``loss_sdpo``, implicit accuracy and margin of the unweighted margin, and ``weight_diagnostics``
+    of the per-image weights.
     """
-    ww, _ = clipped_weights(log_weight_w, clip_epsilon, 0.0)
-    wl, _ = clipped_weights(log_weight_l, clip_epsilon, 0.0)
-    keep = _keep(log_weight_w, log_weight_l, mask_threshold)
+    ww, clipped_w = clip_weights(log_weight_w, clip_epsilon)
+    wl, clipped_l = clip_weights(log_weight_l, clip_epsilon)
+    keep = kept_pairs(log_weight_w, log_weight_l, mask_threshold)
     u = -0.5 * beta * (ww * (model_err_w - ref_err_w) - wl * (model_err_l - ref_err_l))
     plain = preference_margin(model_err_w, model_err_l, ref_err_w, ref_err_l, beta)
     return {"loss_sdpo": _masked_mean(-F.logsigmoid(u), keep),
-            **importance_diagnostics(plain, log_weight_w, log_weight_l, keep, clip_epsilon)}
-
-
-def _keep(log_weight_w: torch.Tensor, log_weight_l: torch.Tensor, mask_threshold: float) -> torch.Tensor:
-    return (log_weight_w.detach().exp() >= mask_threshold) & (log_weight_l.detach().exp() >= mask_threshold)
-
-
-def importance_diagnostics(u, log_weight_w, log_weight_l, keep, clip_epsilon) -> dict[str, torch.Tensor]:
-    """implicit_accuracy (plain margin u > 0), kept_fraction, mean raw weight, fraction of weights clipped."""
-    w = torch.cat([log_weight_w, log_weight_l]).detach().exp()
-    return {
-        "implicit_accuracy": (u > 0).float().mean().detach(),
-        "margin": u.mean().detach(),
-        "kept_fraction": keep.float().mean(),
-        "importance_weight": w.mean(),
-        "clipped_fraction": ((w - 1).abs() > clip_epsilon).float().mean(),
-    }
+            "implicit_accuracy": (plain > 0).float().mean().detach(), "margin": plain.mean().detach(),
+            **weight_diagnostics(torch.stack([ww, wl], dim=1), torch.stack([clipped_w, clipped_l], dim=1), keep,
+                                 torch.cat([log_weight_w, log_weight_l]))}
 
 
 # ---------------------------------------------------------------------------------------- the classes
