@@ -4,9 +4,10 @@ A *feature space* is any object with a ``name: str`` and ``__call__(images [B, 3
 -> Tensor[B, D]``, computed without gradients. Diversity (``diversity.py``) and FID (``fid.py``)
 work on features, so they do not care which network produced them.
 
-Registered here: ``"judge"`` — the embedded judge's 128-d penultimate features, available
-offline. Heavier spaces (``"dreamsim"``, ``"inception"``) register themselves from their own
-modules with the same decorator::
+Registered here, both available offline: ``"judge"`` — the embedded judge's 128-d penultimate
+features — and ``"evaluator"`` — the held-out evaluator's 192-d features (``rl4diffusion.zoo.evaluator``).
+Heavier spaces (``"dreamsim"``, ``"inception"``) register themselves from their own modules with the
+same decorator::
 
     @register_feature_space("dreamsim")
     class DreamSimFeatures:
@@ -144,6 +145,36 @@ class JudgeFeatures:
             for chunk in images.split(self.batch_size)
         ]
         return torch.cat(chunks)  # [B, 128]
+
+
+@register_feature_space("evaluator")
+class EvaluatorFeatures:
+    """The held-out evaluator's features (192-d: global average and max of its last map; ``rl4diffusion.zoo.evaluator``).
+
+    A second network trained on the shapes world, never a training reward, so its distances are not ones a
+    run was optimised to move. Every evaluation of a shapes-world prompt set reports diversity and FID in this
+    space beside the others (``evaluator_diversity``, ``evaluator_fid_*``). Images of any size are resized to
+    32×32 first.
+    """
+
+    name = "evaluator"
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 256):
+        from rl4diffusion.zoo.evaluator import load_evaluator
+
+        self.device = torch.device(device)
+        self.evaluator = load_evaluator(self.device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        from rl4diffusion.zoo.judge import to_judge_resolution
+
+        chunks = [
+            self.evaluator.features(to_judge_resolution(chunk.to(self.device, torch.float32)))
+            for chunk in images.split(self.batch_size)
+        ]
+        return torch.cat(chunks)  # [B, 192]
 
 
 def auto_feature_space(kind: str | None, device: str | torch.device = "cpu"

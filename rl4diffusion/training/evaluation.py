@@ -41,13 +41,17 @@ def evaluate(policy, reward, prompts: list[str], *, samples_per_prompt: int, see
     rewards = reward(images, flat).float()
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False))}
     if metrics is not None:
-        stats.update(metrics(name, images, groups, rewards))
+        stats.update(metrics(name, images, groups, rewards, prompts=flat))
     return stats, rewards, images
 
 
 class EvalMetrics:
     """Diversity, FID (vs a reference dataset and vs the base model's samples) and the paired win
-    rate against the base model, for fixed-seed evaluation samples.
+    rate against the base model, for fixed-seed evaluation samples — and, for prompt sets of the
+    shapes world, the held-out evaluator's view (``rl4diffusion.zoo.evaluator``, never a training
+    reward): ``evaluator_accuracy`` (colour and shape both right), ``evaluator_logprob``,
+    ``evaluator_diversity`` and ``evaluator_fid_dataset`` / ``evaluator_fid_base`` in its features, and
+    ``sample_evaluator_correct`` (1/0 per image, for net accuracy flips between two evaluations).
 
     The first call for a prompt set must be the base model's (step 0): its features and rewards
     become the reference for ``fid_base`` and ``win_rate``. Every record names the feature spaces
@@ -74,12 +78,20 @@ class EvalMetrics:
             self.fid_space = build_feature_space(feature_space, device, kind="fid")
         self.reference_features = {k: self.fid_space(v) for k, v in (references or {}).items()}
         self.base: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # the held-out evaluator: a tiny network, so it is always loaded
+        self.evaluator_space = build_feature_space("evaluator", device)
+        self.evaluator_reference = {k: self.evaluator_space(v) for k, v in (references or {}).items()}
+        self.evaluator_base: dict[str, torch.Tensor] = {}
 
     def set_base(self, name: str, images: torch.Tensor, rewards: torch.Tensor) -> None:
         self.base[name] = (self.fid_space(images), rewards.detach().float().cpu())
+        self.evaluator_base[name] = self.evaluator_space(images)
 
     @torch.no_grad()
-    def __call__(self, name: str, images: torch.Tensor, groups: torch.Tensor, rewards: torch.Tensor) -> dict:
+    def __call__(self, name: str, images: torch.Tensor, groups: torch.Tensor, rewards: torch.Tensor,
+                 prompts: list[str] | None = None) -> dict:
+        """The metrics of one evaluation of prompt set ``name``; ``prompts`` (one per image) turn on the
+        evaluator's when they all belong to the shapes world."""
         from rl4diffusion.metrics import frechet_distance, mean_pairwise_distance, win_rate
 
         if name not in self.base:
@@ -96,17 +108,49 @@ class EvalMetrics:
         out["fid_base"] = frechet_distance(features, base_features)
         win = win_rate(rewards.detach().float().cpu(), base_rewards)
         out.update(win_rate=win.rate, win_rate_low=win.low, win_rate_high=win.high)
+        if prompts is not None and in_shapes_world(prompts):
+            out.update(self._evaluator_metrics(name, images, groups, prompts))
         return out
+
+    def _evaluator_metrics(self, name: str, images: torch.Tensor, groups: torch.Tensor,
+                           prompts: list[str]) -> dict:
+        from rl4diffusion.metrics import frechet_distance, mean_pairwise_distance
+        from rl4diffusion.zoo.evaluator import label_scores
+        from rl4diffusion.zoo.shapes import parse_prompt
+
+        features = self.evaluator_space(images)  # [N, 192]
+        colour_logits, shape_logits = self.evaluator_space.evaluator.heads(features)
+        labels = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long, device=features.device)
+        correct, logprob = label_scores(colour_logits, shape_logits, labels)
+        out = {
+            "evaluator_accuracy": float(correct.float().mean()),
+            "evaluator_logprob": float(logprob.mean()),
+            "evaluator_diversity": mean_pairwise_distance(features, groups),
+            "evaluator_fid_base": frechet_distance(features, self.evaluator_base[name]),
+        }
+        if name in self.evaluator_reference:
+            out["evaluator_fid_dataset"] = frechet_distance(features, self.evaluator_reference[name])
+        out["sample_evaluator_correct"] = [int(c) for c in correct.tolist()]
+        return out
+
+
+def in_shapes_world(prompts: list[str]) -> bool:
+    """Whether every prompt is a shapes-world caption, which the judge and the evaluator can score."""
+    from rl4diffusion.zoo.shapes import parse_prompt
+
+    try:
+        for p in dict.fromkeys(prompts):
+            parse_prompt(p)
+    except ValueError:
+        return False
+    return True
 
 
 def reference_images(prompts: list[str], n: int, seed: int) -> torch.Tensor | None:
     """Dataset images for ``prompts`` when they belong to the shapes world (for FID vs the data)."""
-    from rl4diffusion.zoo.shapes import parse_prompt, sample_shapes
+    from rl4diffusion.zoo.shapes import sample_shapes
 
-    try:
-        for p in prompts:
-            parse_prompt(p)
-    except ValueError:
+    if not in_shapes_world(prompts):
         return None
     flat = [prompts[i % len(prompts)] for i in range(n)]
     return sample_shapes(n, torch.Generator().manual_seed(seed), prompts=flat)[0]

@@ -360,7 +360,9 @@ class Trainer:
                     self.policy, self.reward, set_prompts, metrics=self.eval_metrics, name=name,
                     samples_per_prompt=cfg.eval.samples_per_prompt, seed=cfg.eval.seed)
             results[name] = stats
-            per_sample[name] = [round(float(r), 5) for r in sample_rewards]  # for head-to-head comparisons
+            # per-image lists (head-to-head comparisons) stay out of the summary; unrounded: rounding makes false ties
+            per_sample[name] = {"sample_rewards": [float(r) for r in sample_rewards],
+                                **{key: stats.pop(key) for key in list(stats) if key.startswith("sample_")}}
             self._save_grids(step, name, set_prompts, images, sample_rewards)
         self.loop["eval_queries"] += self.reward.queries - before
         self.loop["eval_seconds"] += time.perf_counter() - t0
@@ -369,7 +371,7 @@ class Trainer:
             self.logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
                              "reward_queries": self.train_queries(), "wall_s": self.wall(),
                              "train_cpu_s": self.cpu() - self.loop["eval_cpu_seconds"],
-                             "sample_rewards": per_sample[name]})
+                             **per_sample[name]})
         self.loop["last_eval"], self.loop["last_eval_step"] = results, step
         log.info(eval_line(step, results, self.loop["base"]))
         return results
