@@ -34,6 +34,7 @@ ALGORITHMS: dict[str, str] = {  # name → "module:Class"; @register_algorithm a
     "dpo_cm": "rl4diffusion.algorithms.sdpo:DPOCM",
     "sdpo": "rl4diffusion.algorithms.sdpo:SDPO",
     "nabla_gfn": "rl4diffusion.algorithms.nabla_gfn:NablaGFN",
+    "nft": "rl4diffusion.algorithms.nft:NFT",
 }
 _LOADED: dict[str, tuple[type, type]] = {}  # name → (class, config dataclass), filled by @register_algorithm
 

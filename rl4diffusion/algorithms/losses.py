@@ -1,9 +1,12 @@
-"""Pieces of loss functions that several algorithms share: PPO's clipped surrogate and the Gaussian KL
-between two denoising steps. Each algorithm's own loss lives in its file; what two of them need lives
-here, never in another algorithm's file. (The reference model's output is the policy's:
-``policy.reference_output(td)``, or ``policy.predict_noise(..., use_reference=True)``.)"""
+"""Pieces of loss functions that several algorithms share: PPO's clipped surrogate, the Gaussian KL
+between two denoising steps, and group-relative advantages (GRPO, DiffusionNFT). Each algorithm's own
+loss lives in its file; what two of them need lives here, never in another algorithm's file. (The
+reference model's output is the policy's: ``policy.reference_output(td)``, or
+``policy.predict_noise(..., use_reference=True)``.)"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -47,3 +50,32 @@ def gaussian_mean_kl(
     elementwise = torch.where(std > 0, elementwise, torch.zeros_like(elementwise))
     dims = tuple(range(1, mean.dim()))
     return elementwise.mean(dim=dims) if reduction == "mean" else elementwise.sum(dim=dims)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-4, global_std: bool = False
+) -> torch.Tensor:
+    """Group-relative advantages A_i = (r_i − mean_{g(i)}) / (std + eps) — Flow-GRPO eq. (5).
+
+    Args:
+        rewards: [B]; group_ids: [B] (equal ids = samples of the same prompt in this batch).
+        eps: added to the std.
+        global_std: use the whole batch's std instead of each group's (population std either way).
+    Returns:
+        [B], in the rewards' dtype. A group whose rewards are all equal gets exactly 0 (not rounding noise).
+    """
+    r = rewards.detach().double()
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,) group index 0..G−1
+    num_groups = int(inverse.max()) + 1
+    counts = torch.zeros(num_groups, dtype=r.dtype, device=r.device).index_add_(0, inverse, torch.ones_like(r))
+    mean = torch.zeros_like(counts).index_add_(0, inverse, r) / counts
+    centred = r - mean[inverse]
+    if global_std:
+        std = r.std(unbiased=False).expand_as(r)
+    else:
+        std = (torch.zeros_like(counts).index_add_(0, inverse, centred**2) / counts).sqrt()[inverse]
+    highest = torch.full_like(counts, -math.inf).scatter_reduce(0, inverse, r, "amax")
+    lowest = torch.full_like(counts, math.inf).scatter_reduce(0, inverse, r, "amin")
+    constant = (highest == lowest)[inverse]
+    advantages = torch.where(constant, torch.zeros_like(r), centred / (std + eps))
+    return advantages.to(rewards.dtype)

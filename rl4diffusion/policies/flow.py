@@ -153,6 +153,11 @@ class FlowMatchingPolicy(DiffusionPolicy):
         index = (self.timesteps[None, :] - t[:, None]).abs().argmin(dim=1)  # (B,): position in the schedule
         return self.sigmas[index], self.sigmas[index + 1]
 
+    def sde_time_step(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """|Δt| = σ − σ_next [B]: the step's Gaussian std is s_t·√|Δt| (``flow_sde_step_with_log_prob``)."""
+        sigma, sigma_next = self.sigmas_of(timesteps)
+        return sigma - sigma_next
+
     def alphas(self, timesteps: torch.Tensor):
         raise NotImplementedError("a flow-matching policy has no ᾱ_t; use policy.sigmas_of(timesteps)")
 

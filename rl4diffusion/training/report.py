@@ -188,8 +188,8 @@ def at_reward(curve: list[dict], target: float, keys=("diversity", "fid_base")) 
 # Twelve colours a reader tells apart (matplotlib's tab10, a navy and black) and twelve markers, so that every
 # built-in algorithm has its own pair, also in print and for colour-blind readers.
 COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
-           "#17becf", "#393b79", "#000000")
-MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p")
+           "#17becf", "#393b79", "#000000", "#8c6d31")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">", "p", "d")
 
 
 def algorithm_style(name: str) -> tuple[str, str]:
