@@ -125,11 +125,15 @@ class PolicyConfig:
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """Map a model name to a local path: 'tiny' → the shipped embedded model."""
+    """Map a model name to a local path: 'tiny' / 'tiny_flow' → the shipped embedded models."""
     if pretrained == "tiny":
         from rl4diffusion.zoo.tiny import TINY_PATH
 
         return str(TINY_PATH)
+    if pretrained == "tiny_flow":
+        from rl4diffusion.zoo.tiny import TINY_FLOW_PATH
+
+        return str(TINY_FLOW_PATH)
     return pretrained
 
 
@@ -306,6 +310,9 @@ class DiffusionPolicy(nn.Module):
     """The pipeline's frozen text encoders (absent ones are skipped)."""
     extra_conditioning_keys: ClassVar[tuple[str, ...]] = ()
     """TensorDict keys of the conditioning that states carry beyond ``prompt_embeds``."""
+    sde_steps: range | None = None
+    """Positions of the schedule whose steps are stochastic; the others take the deterministic step (η = 0).
+    None: every step is stochastic. Set it with ``sde_window``."""
 
     def __init__(self, pipeline, config: PolicyConfig | None = None, *, device: str | torch.device = "cpu"):
         super().__init__()
@@ -363,6 +370,10 @@ class DiffusionPolicy(nn.Module):
         ``FlowMatchingPolicy`` for SD3. A subclass that does not declare its own ``accepts`` is picked
         only through its own ``from_pretrained``.
         """
+        if pretrained == "tiny_flow" and "max_sequence_length" not in options:
+            from rl4diffusion.zoo.tiny import FLOW_T5_LENGTH
+
+            options["max_sequence_length"] = FLOW_T5_LENGTH  # it has no T5 and was trained with this many
         config = PolicyConfig(pretrained=pretrained, **options)
         check_pipeline_files(config)  # a wrong model or image size fails before seconds of loading
         pipe = load_pipeline(pretrained, dtype=_DTYPES[config.dtype])
@@ -589,6 +600,35 @@ class DiffusionPolicy(nn.Module):
                       reduction=self.config.log_prob_reduction)
         return self._step(model_output, latents, per_sample_timesteps(timesteps, latents), eta, action)
 
+    def sde_time_step(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """|Δt| [B] of the step at per-sample ``timesteps`` in the time of the SDE the step discretises, whose
+        Gaussian std is s_t·√|Δt|. A DDIM step's σ_t(η) already is its Gaussian std (DDPO), so 1 here."""
+        return torch.ones(timesteps.reshape(-1).shape, device=self.device)
+
+    def schedule_position(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Position [B] in the sampling schedule (0 = the first, noisiest step) of per-sample ``timesteps``."""
+        t = timesteps.to(self.timesteps.device).float().reshape(-1)
+        return (self.timesteps.float()[None, :] - t[:, None]).abs().argmin(dim=1)
+
+    @contextlib.contextmanager
+    def sde_window(self, positions: range | None) -> Iterator[None]:
+        """Within this block only the steps at ``positions`` of the schedule are stochastic (with their
+        log-probabilities); the others are the deterministic DDIM / ODE step, whose log-probability is 0.
+
+        Flow-GRPO-Fast and MixGRPO (Li et al. 2025, arXiv 2507.21802) sample so and train only the
+        window. The noise is drawn for every step either way, so a full window samples exactly what the
+        plain sampler does and an empty one exactly what ``eta=0`` does, for the same generator.
+        """
+        saved, self.sde_steps = self.sde_steps, positions
+        try:
+            yield
+        finally:
+            self.sde_steps = saved
+
+    def _noise_scale_at(self, position: int, eta: float | None) -> float | None:
+        """The step's noise scale at ``position`` of the schedule: ``eta`` inside the SDE window, 0 outside."""
+        return eta if self.sde_steps is None or position in self.sde_steps else 0.0
+
     def log_prob(self, td, *, use_reference: bool = False, guidance_scale: float | None = None) -> StepOutput:
         """Recompute the step for a batch of stored transitions (with grad), scoring td["action"]."""
         out = self.predict_from_td(td, use_reference=use_reference, guidance_scale=guidance_scale)
@@ -608,7 +648,10 @@ class DiffusionPolicy(nn.Module):
     def act(self, td, generator: torch.Generator | None = None):
         """The rollout policy: read x_t, t and c from ``td``; write the action x_{t-1} and its log-prob."""
         latents, out = td[keys.LATENTS], self.predict_from_td(td)
-        step = self.step(out, latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator))
+        eta = None
+        if self.sde_steps is not None:  # a rollout's chains are all at the same step: the first one's position
+            eta = self._noise_scale_at(int(self.schedule_position(td[keys.TIMESTEP])[0]), None)
+        step = self.step(out, latents, td[keys.TIMESTEP], noise=self.draw_noise(latents.shape, generator), eta=eta)
         td.set(keys.ACTION, step.prev_sample)
         td.set(keys.SAMPLE_LOG_PROB, step.log_prob)
         return td
@@ -646,14 +689,15 @@ class DiffusionPolicy(nn.Module):
         """Run the whole chain without grad; returns {"latents": x₀ [B,C,h,w], "images": [B,3,H,W]}.
 
         ``eta`` overrides the step's noise scale (0 gives the deterministic DDIM / ODE sampler);
-        ``use_reference=True`` samples the frozen pretrained model.
+        ``use_reference=True`` samples the frozen pretrained model. Inside ``sde_window`` only the window's
+        steps are stochastic.
         """
         conditioning = self._conditioning(prompts)
         x = self.initial_latents(len(prompts), generator) if latents is None else latents.to(self.device)
-        for t in self.timesteps:
+        for position, t in enumerate(self.timesteps):
             out = self._guided_output(x, t, conditioning, guidance_scale=guidance_scale,
                                       use_reference=use_reference)
-            x = self.step(out, x, t, generator=generator, eta=eta).prev_sample
+            x = self.step(out, x, t, generator=generator, eta=self._noise_scale_at(position, eta)).prev_sample
         return {"latents": x, "images": self.decode(x)}
 
     @contextlib.contextmanager
