@@ -96,6 +96,8 @@ CHECKED = {  # command → why it is not run: its suite is composed and every ru
     "python -m rl4diffusion.bench suite=shapes_queries": "4 algorithms × 3 seeds, 1,536 queries each: hours",
 }
 COVERED = {
+    f"{TRAIN} model=tiny_flow algo=grpo":
+        "tests/test_tiny_flow.py::test_tiny_flow_trains_with_grpo_and_refuses_algorithms_that_need_ddim",
     "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && python -m rl4diffusion.train":
         ".ci/run installs the same way; `python -m rl4diffusion.train` is in RUN_TRAIN",
     'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && python -m pytest':
@@ -127,7 +129,9 @@ EXEMPT = {
     f"{TRAIN} model=sd15 reward=clip_score": "SD1.5 and open_clip weights",
     f"{TRAIN} model=sd15 reward=hpsv2": "SD1.5, the hpsv2 package and its checkpoint",
     "python -m rl4diffusion.zoo.train_tiny": "~35 min, and it rewrites the shipped weights in zoo/weights",
+    "python -m rl4diffusion.zoo.train_tiny_flow": "~10–20 min, and it rewrites the shipped weights in zoo/weights",
     "python -m rl4diffusion.zoo.train_judge": "~3 min, and it rewrites the shipped judge in zoo/weights",
+    "python -m rl4diffusion.zoo.train_evaluator": "~5 min, and it rewrites the shipped evaluator in zoo/weights",
     "python benchmarks/embedded_world.py": "minutes of sampling; it rewrites its results/embedded_world.md",
     "python benchmarks/throughput.py": "times every algorithm in subprocesses (minutes); rewrites "
     "benchmarks/results/throughput.md",

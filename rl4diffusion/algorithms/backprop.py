@@ -155,6 +155,8 @@ class RewardBackprop(Algorithm):
 
     requires_differentiable_reward = True
     supports_grad_accumulation = False  # one step per batch already; algo.minibatch_size sets its micro-batches
+    # the window sampler passes the denoiser only prompt_embeds, not a flow model's pooled embeddings
+    needs_ddim = "a denoiser conditioned on prompt embeddings alone (a DDIM-style model)"
 
     def __init__(self, config: BackpropConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)

@@ -84,6 +84,9 @@ class Algorithm:
     """True when the loss uses log π_θ(x_{t−1} | x_t) of sampled steps, which needs a stochastic sampler
     (DDIM η > 0; a flow model's noise_level > 0): ``check_sampler_fits`` refuses a deterministic one."""
     supports_grad_accumulation: ClassVar[bool] = True
+    needs_ddim: ClassVar[str] = ""
+    """What the algorithm needs that only a DDIM-style (ε/v-prediction) model has; non-empty refuses a
+    flow-matching model with a message naming it."""
     distributed = None  # set by the trainer in multi-process runs: rank, world, gather (see training/trainer.py)
 
     def __init__(self, policy, reward, config=None):
@@ -91,6 +94,10 @@ class Algorithm:
         trainable weights at ``config.lr`` and ``config.weight_decay`` (0 when the config has none)."""
         check_reward_compatible(type(self), reward)
         check_sampler_fits(type(self), getattr(policy, "config", None), getattr(policy, "kind", None))
+        if self.needs_ddim and getattr(policy, "kind", None) == "flow":
+            raise ConfigError(f"algo={self.name} needs {self.needs_ddim}, which a flow-matching model (model=tiny_flow, "
+                              "model=sd3) does not provide yet. Use a DDIM-style model such as model=tiny, or an "
+                              "algorithm that trains flow models: algo=grpo, algo=ddpo, algo=dpok or algo=nft.")
         self.policy = policy
         self.reward = reward
         self._conditioning: dict[str, torch.Tensor] = {}

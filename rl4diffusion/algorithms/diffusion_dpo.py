@@ -167,6 +167,7 @@ class DiffusionDPO(Algorithm):
     """Diffusion-DPO over pairs sampled from the shared replay buffer; subclasses change ``loss_terms``."""
 
     uses_reference = True
+    needs_ddim = "the DDPM forward process q(x_t | x₀) with its ᾱ_t schedule (a DDIM-style model)"
 
     def __init__(self, config: PreferenceConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)

@@ -23,6 +23,10 @@ The shipped files live in ``zoo/weights/tiny`` (``TINY_PATH``) and are reproduce
 (``rl4diffusion.zoo.shapes.HELDOUT_PROMPTS``). It is imperfect on purpose, so that fine-tuning
 has room to improve it: see ``RECOMMENDED_GUIDANCE`` and ``benchmarks/results/embedded_world.md``.
 
+The flow-matching counterpart, ``model=tiny_flow``, is a ``StableDiffusion3Pipeline`` on the same
+world (``TINY_FLOW_PATH``, ``load_tiny_flow_pipeline``, ``sample_tiny_flow``; its parts and training
+are described in ``rl4diffusion.zoo.train_tiny_flow``).
+
 Example::
 
     pipe = load_tiny_pipeline()
@@ -237,5 +241,119 @@ def sample_tiny(
         chunk = list(prompts[start : start + batch_size])
         out = pipe(chunk, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                    generator=generator, output_type="pt")
+        images.append(out.images.float().cpu())
+    return torch.cat(images)
+
+
+# --------------------------------------------------------------------------------------------
+# the flow-matching model: a StableDiffusion3Pipeline on the same world (train_tiny_flow)
+# --------------------------------------------------------------------------------------------
+TINY_FLOW_PATH = Path(__file__).resolve().parent / "weights" / "tiny_flow"
+"""Directory of the shipped flow-matching pipeline (``StableDiffusion3Pipeline.from_pretrained`` loads it)."""
+
+FLOW_RECOMMENDED_GUIDANCE = 3.0
+"""The classifier-free guidance weight of ``model=tiny_flow`` (measured in ``benchmarks/results/embedded_world.md``)."""
+
+FLOW_DEFAULT_STEPS = 10
+"""Denoising steps ``model=tiny_flow`` samples with (Flow-GRPO trains SD3 with 10)."""
+
+FLOW_T5_LENGTH = 1
+"""``max_sequence_length`` of the tiny flow pipeline. There is no T5 encoder (``text_encoder_3=None``), so the
+pipeline appends this many all-zero "T5" tokens to the CLIP tokens; the transformer was trained with exactly
+one, so pass ``max_sequence_length=FLOW_T5_LENGTH`` when calling the pipeline yourself (its default, 256,
+would dilute the attention over the prompt)."""
+
+
+def build_projection_text_encoder(vocab_size: int, *, seed: int, weights_from=None):
+    """A frozen ``CLIPTextModelWithProjection`` (hidden 64, 2 layers) as SD3's pipeline needs: it reads the
+    pooled projection as well as the penultimate hidden states.
+
+    ``weights_from``: a CLIPTextModel of the same size (the tiny model's) whose transformer weights are
+    copied; only the 64 → 64 projection is then drawn from ``seed``.
+    """
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)  # never trained: the seed (and the copied weights) *are* its weights
+    model = CLIPTextModelWithProjection(build_text_encoder(vocab_size, seed=seed).config)
+    if weights_from is not None:
+        # transformers ≥ 5 keeps CLIPTextModel's layers at the top level, older versions under .text_model
+        source = getattr(weights_from, "text_model", weights_from)
+        model.text_model.load_state_dict(source.state_dict())
+    return model.eval().requires_grad_(False)
+
+
+def build_flow_transformer():
+    """SD3Transformer2DModel on 8×8×4 latents: patch 1 (64 image tokens), 4 joint blocks of width 96 (3 heads
+    of 32), text tokens of 128 = the two 64-d CLIP encoders side by side, pooled projection 128."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=32,
+        num_attention_heads=3, joint_attention_dim=128, caption_projection_dim=96, pooled_projection_dim=128,
+        pos_embed_max_size=8,
+    )
+
+
+def build_flow_scheduler():
+    """FlowMatchEulerDiscreteScheduler with shift 1: SD3's shift 3 is for 1024² images (more pixels keep more
+    signal at a given σ, Esser et al. 2024 §5.3.2); 8×8 latents need none."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def assemble_flow_pipeline(*, vae, text_encoder, text_encoder_2, tokenizer, transformer, scheduler):
+    """A StableDiffusion3Pipeline from the parts: both CLIP slots use the tiny tokenizer; no T5."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_tiny_flow_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The shipped tiny StableDiffusion3Pipeline, loaded offline with ``from_pretrained``.
+
+    Raises MissingWeightsError when the files are absent (they ship with the package).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    from rl4diffusion.errors import MissingWeightsError
+
+    if not (TINY_FLOW_PATH / "model_index.json").is_file():
+        raise MissingWeightsError(
+            f"the embedded tiny flow model is missing ({TINY_FLOW_PATH}). It ships with the package; regenerate "
+            "it with `python -m rl4diffusion.zoo.train_tiny_flow` (10–20 minutes on a 2-core CPU)."
+        )
+    # without T5, as SD3 is loaded without it: the absent components are passed as None
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(TINY_FLOW_PATH), local_files_only=True, dtype=dtype,
+                                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def sample_tiny_flow(
+    pipe,
+    prompts: Sequence[str],
+    *,
+    guidance_scale: float = FLOW_RECOMMENDED_GUIDANCE,
+    num_steps: int = FLOW_DEFAULT_STEPS,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] for ``prompts`` through the pipeline's own __call__ (the Euler ODE sampler).
+
+    The noise is fixed by ``seed`` so that two models (or two guidance scales) are compared on the same draws.
+    """
+    generator = torch.Generator(device=pipe.device).manual_seed(seed)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start : start + batch_size])
+        out = pipe(chunk, num_inference_steps=num_steps, guidance_scale=guidance_scale, generator=generator,
+                   max_sequence_length=FLOW_T5_LENGTH, output_type="pt")
         images.append(out.images.float().cpu())
     return torch.cat(images)
