@@ -62,7 +62,7 @@ def test_two_accumulated_minibatches_give_the_gradient_of_one_step_over_both(mak
 def test_algorithms_whose_steps_cannot_be_merged_refuse_accumulation():
     from rl4diffusion.algorithms import algorithm_classes
 
-    for name in ("dpok", "refl", "draft", "alignprop"):
+    for name in ("dpok", "refl", "draft", "alignprop", "nft"):
         with pytest.raises(ConfigError, match=f"algo={name} cannot merge"):
             check_grad_accumulation(algorithm_classes(name)[0], 2)
         check_grad_accumulation(algorithm_classes(name)[0], 1)

@@ -231,6 +231,8 @@ def as_velocity(policy, output: torch.Tensor, noisy: torch.Tensor, timesteps: to
 class NFT(Algorithm):
     """DiffusionNFT over the shared primitives: collect clean samples under θ_old, train v_θ on their forward process."""
 
+    supports_grad_accumulation = False  # θ_old's decay schedule counts the optimisation steps it yields
+
     def __init__(self, config: NFTConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
         self.seed = seed
