@@ -4,6 +4,7 @@ What runs (each in its own subprocess, so one failure or crash does not stop the
 
 * every algorithm of the registry (``rl4diffusion.algorithms.ALGORITHMS``) on the embedded tiny model,
   under ``mixed_precision=no`` (fp32) and ``mixed_precision=bf16``;
+* GRPO and DiffusionNFT (``--flow-algos``) on the embedded flow-matching model, ``model=tiny_flow``;
 * DDPO and ∇-GFlowNet (``--sd15-algos``) on a randomly initialised pipeline with SD1.5's UNet
   (860 M parameters, 64×64×4 latents, 512×512 images), a 2-layer CLIP text encoder of width 768
   and a small 4-channel, 8×-downscaling VAE (``rl4diffusion.testing.make_random_sd15_pipeline``).
@@ -30,8 +31,10 @@ benchmarks/gpu_smoke/wheels/, which git ignores (.git/info/exclude)::
 
 then, from the repository root on the GPU machine, with that folder copied along::
 
-    pip install --no-index --find-links benchmarks/gpu_smoke/wheels -r benchmarks/gpu_smoke/requirements.txt
+    python -m pip install --no-index --find-links benchmarks/gpu_smoke/wheels -r benchmarks/gpu_smoke/requirements.txt
     PYTHONPATH=. python benchmarks/gpu_smoke.py --jobs 4 --out benchmarks/results/gpu_smoke.md
+
+(``python -m pip``: on the GPU image the ``pip`` on PATH belongs to another interpreter than ``python``.)
 
 (``--no-index --find-links`` installs only the packages the image is missing; ``pip install --no-deps
 wheels/*.whl`` would also replace the image's own Pillow, requests or typing-extensions.) ``--jobs 4``
@@ -89,7 +92,7 @@ REQUIRED_MODULES = ("torch", "torchvision", "diffusers", "transformers", "peft",
 class Run:
     """One (model, algorithm, precision) cell of the table and what its subprocess reported."""
 
-    model: str  # "tiny" or "sd15"
+    model: str  # "tiny", "tiny_flow" or "sd15"
     algo: str
     precision: str  # a key of PRECISIONS
     status: str = "not run"  # pass | fail | timeout | not run
@@ -127,12 +130,15 @@ def run_overrides(run: Run, *, model_arg: str, device: str, run_dir: Path, cache
     ]
 
 
-def plan_runs(algos: list[str], precisions: list[str], sd15_algos: list[str]) -> list[Run]:
-    """Every algorithm on the tiny model, then the SD1.5-size runs, each under every precision."""
+def plan_runs(algos: list[str], precisions: list[str], sd15_algos: list[str],
+              flow_algos: list[str] = ()) -> list[Run]:
+    """Every algorithm on the tiny model, the flow-model runs, then the SD1.5-size runs, each under every
+    precision."""
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise SystemExit(f"unknown precision(s) {unknown}: choose from {', '.join(PRECISIONS)}")
     runs = [Run("tiny", a, p) for a in algos for p in precisions]
+    runs += [Run("tiny_flow", a, p) for a in flow_algos for p in precisions]
     return runs + [Run("sd15", a, p) for a in sd15_algos for p in precisions]
 
 
@@ -254,7 +260,7 @@ def write_markdown(path: Path, runs: list[Run], args: argparse.Namespace, starte
         f"{f' ({len(runs) - len(done)} not run yet)' if len(done) < len(runs) else ''}.", "",
         f"Each run is `python -m rl4diffusion.train` in its own process: epochs={args.epochs}, {small} "
         "(where the algorithm has the option), 2 evaluation prompts × 2 samples. *tiny* is the embedded "
-        "model; *sd15* a random pipeline with SD1.5's UNet "
+        "model; *tiny_flow* the embedded flow-matching model; *sd15* a random pipeline with SD1.5's UNet "
         f"(`make_random_sd15_pipeline(scale={args.scale!r})`). "
         "s/epoch is the training clock of the epoch (collect + update, the first epoch: warm-up included); "
         f"run s is the whole process (imports, loading, pair generation, evaluations).{contention}", "",
@@ -268,7 +274,7 @@ def check_modules() -> None:
     missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"missing Python packages: {', '.join(missing)}. On the GPU image install the "
-                         "wheels fetched by benchmarks/gpu_smoke/download_wheels.sh: pip install --no-index "
+                         "wheels fetched by benchmarks/gpu_smoke/download_wheels.sh: python -m pip install --no-index "
                          "--find-links benchmarks/gpu_smoke/wheels -r benchmarks/gpu_smoke/requirements.txt")
 
 
@@ -285,6 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated algorithms on the tiny model (default: all)")
     p.add_argument("--sd15-algos", default="ddpo,nabla_gfn",
                    help="algorithms on the SD1.5-architecture model ('' = none)")
+    p.add_argument("--flow-algos", default="grpo,nft",
+                   help="algorithms on the embedded flow-matching model, model=tiny_flow ('' = none)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (the timings then include contention)")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
@@ -295,9 +303,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the markdown's header
     args.scale = args.scale or ("tiny" if args.device == "cpu" else "full")
     args.precisions = args.precisions or ("fp32" if args.device == "cpu" else "fp32,bf16")
-    args.algos, args.sd15_algos, args.precisions = (
-        [x for x in value.split(",") if x] for value in (args.algos, args.sd15_algos, args.precisions))
-    unknown = sorted(set(args.algos + args.sd15_algos) - set(ALGORITHMS))
+    args.algos, args.sd15_algos, args.flow_algos, args.precisions = (
+        [x for x in value.split(",") if x]
+        for value in (args.algos, args.sd15_algos, args.flow_algos, args.precisions))
+    unknown = sorted(set(args.algos + args.sd15_algos + args.flow_algos) - set(ALGORITHMS))
     if unknown:
         p.error(f"unknown algorithm(s) {', '.join(unknown)}; valid: {', '.join(ALGORITHMS)}")
     return args
@@ -312,14 +321,14 @@ def main(argv: list[str] | None = None) -> list[Run]:
         if not torch.cuda.is_available():
             raise SystemExit(f"--device {args.device}: torch sees no CUDA device here. On a CPU, run the "
                              "CPU-equivalent path: --device cpu --scale tiny.")
-    runs = plan_runs(args.algos, args.precisions, args.sd15_algos)
+    runs = plan_runs(args.algos, args.precisions, args.sd15_algos, args.flow_algos)
     started = time.strftime("%Y-%m-%d %H:%M")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rl4d_gpu_smoke_"))
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
-    models = {"tiny": "model=tiny"}
+    models = {"tiny": "model=tiny", "tiny_flow": "model=tiny_flow"}
     if args.sd15_algos:
         from rl4diffusion.testing import make_random_sd15_pipeline
 

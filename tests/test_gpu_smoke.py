@@ -57,6 +57,8 @@ def test_plan_covers_every_algorithm_and_precision_plus_the_sd15_runs():
         (a, p) for a in ALGORITHMS for p in ("fp32", "bf16")}
     assert [(r.algo, r.precision) for r in runs if r.model == "sd15"] == [
         ("ddpo", "fp32"), ("ddpo", "bf16"), ("nabla_gfn", "fp32"), ("nabla_gfn", "bf16")]
+    flow = gpu_smoke.plan_runs(["ddpo"], ["fp32"], [], ["grpo", "nft"])
+    assert [(r.model, r.algo) for r in flow] == [("tiny", "ddpo"), ("tiny_flow", "grpo"), ("tiny_flow", "nft")]
     with pytest.raises(SystemExit, match="unknown precision"):
         gpu_smoke.plan_runs(["ddpo"], ["fp16"], [])
 
@@ -92,7 +94,7 @@ def test_table_reports_failures_with_their_last_line():
 
 def test_one_cpu_run_reports_seconds_and_peak_memory(tmp_path):
     out = tmp_path / "gpu_smoke.md"
-    runs = gpu_smoke.main(["--device", "cpu", "--algos", "ddpo", "--sd15-algos", "", "--workdir",
+    runs = gpu_smoke.main(["--device", "cpu", "--algos", "ddpo", "--sd15-algos", "", "--flow-algos", "", "--workdir",
                            str(tmp_path / "work"), "--out", str(out)])
     assert [(r.model, r.algo, r.precision) for r in runs] == [("tiny", "ddpo", "fp32")]
     assert runs[0].status == "pass", runs[0].error

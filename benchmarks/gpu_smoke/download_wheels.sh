@@ -6,7 +6,7 @@
 #
 # then, on the GPU machine (see benchmarks/gpu_smoke.py's docstring):
 #
-#     pip install --no-index --find-links benchmarks/gpu_smoke/wheels -r benchmarks/gpu_smoke/requirements.txt
+#     python -m pip install --no-index --find-links benchmarks/gpu_smoke/wheels -r benchmarks/gpu_smoke/requirements.txt
 #
 # Versions and why:
 # * torchrl 0.12.0 and tensordict 0.12.4. torchrl's C++ extension links against libtorch; the 0.12.0 wheel was

@@ -59,7 +59,9 @@ class DenoisingEnv(EnvBase):
             shape=b,
         )
         for key, value in self.core.extra_conditioning(torch.zeros(1, dtype=torch.long)).items():
-            self.observation_spec[key] = Unbounded(shape=(*b, *value.shape[1:]), dtype=value.dtype)
+            # on the env's device: a Composite refuses a sub-spec on another (found on CUDA, not on a CPU)
+            self.observation_spec[key] = Unbounded(shape=(*b, *value.shape[1:]), dtype=value.dtype,
+                                                   device=self.observation_spec.device)
         self.core_state_keys = (*type(self).core_state_keys, *self.core.extra_keys)
         self.action_spec = Unbounded(shape=(*b, *latent_shape), dtype=torch.float32)
         self.reward_spec = Unbounded(shape=(*b, 1), dtype=torch.float32)
