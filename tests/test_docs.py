@@ -72,6 +72,7 @@ RUN_TRAIN = {  # command → the number of runs it makes (a -m sweep makes sever
     f"{TRAIN} algo=my_algos.rank:RankDDPO algo.rank_scale=0.5": 1,
     f"{TRAIN} -m 'algo=my_algos.rank:RankDDPO,ddpo' 'hydra.searchpath=[pkg://my_algos.conf]' seed=0,1": 4,
     f"{TRAIN} reward=shape_alignment": 1,
+    f"{TRAIN} reward=shape_alignment_prob": 1,
     f"{TRAIN} reward=colorfulness": 1,
     f"{TRAIN} algo=ddpo reward=jpeg_compressibility": 1,
     f"{TRAIN} algo=my_pkg.rwr:RWR": 1,  # my_pkg/rwr.py is the README's block, written by the test

@@ -81,3 +81,12 @@ def test_colorfulness_orders_grey_below_colour_and_has_finite_gradients():
     scores.sum().backward()
     assert torch.isfinite(images.grad).all()  # √ at a flat image: ε keeps the slope finite
     assert images.grad[1].abs().sum() > 0
+
+
+def test_bounded_alignment_is_the_probability_of_the_log_probability_form():
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square", "a green triangle", "a red square"]
+    log_form = build_reward("shape_alignment")(images, prompts)
+    bounded = build_reward("shape_alignment_prob")(images, prompts)
+    assert ((bounded >= 0) & (bounded <= 1)).all()
+    torch.testing.assert_close(bounded, log_form.exp())

@@ -2,9 +2,11 @@
 
     python -m rl4diffusion.bench suite=shapes algos=[ddpo,nabla_gfn] seeds=3
     python -m rl4diffusion.bench suite=shapes_smoke              # the CI-sized suite
+    python -m rl4diffusion.bench suite=shapes_4k stage=tune      # a tuned suite: its tuning trials first
+    python -m rl4diffusion.bench suite=shapes_4k                 # then its final runs, at the chosen settings
 
 ``algos`` is one name, a comma list or a ``[list]``; ``seeds`` is a count (seeds 0 … N−1) or a list of
-seeds (``seeds=[0,4]``).
+seeds (``seeds=[0,4]``); by default the suite's ``seeds``, else 3.
 
 Each (algorithm, seed) trains through ``rl4diffusion.training.trainer.run`` with the suite's model, reward,
 prompts, evaluation protocol and budget (reward queries, training CPU-seconds and/or wall-clock
@@ -12,6 +14,15 @@ seconds — the suite says which bind; all three are recorded). Runs live in ``<
 (summary.json present) is skipped, an interrupted one resumes from its checkpoint, so a suite can
 be completed over several sittings. After every run the evaluation records of all runs are merged
 into ``<out_dir>/evals.jsonl`` and the report (``report.md`` + PNG plots) is regenerated.
+
+A suite with a ``tuning`` section is tuned before it is run, every algorithm with the same number of trials
+(``stage=tune``): each trial is one setting of the algorithm's grid, trained on the tuning seeds with the
+tuning evaluation noise, which the final runs never use, and scored by the suite's declared rule (the mean
+of a metric at the end of the tuning budget). Trials live in ``benchmarks/results/tuning/<suite>/runs``;
+``trials.jsonl``, ``tuning.md`` and ``chosen.yaml`` (each algorithm's best setting) are rewritten after every
+trial. The final stage (``stage=final``, the default) runs each algorithm at its chosen setting and refuses
+an algorithm whose trials are not all done. A run that fails (say, a learning rate that diverges) is
+recorded as failed and the suite goes on: a failing setting is a result.
 """
 
 from __future__ import annotations
@@ -29,13 +40,32 @@ from rl4diffusion.errors import ConfigError
 log = logging.getLogger("rl4diffusion.bench")
 
 
-def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path) -> list[str]:
-    """The training overrides of one (algorithm, seed) run of ``suite``."""
+def as_overrides(mapping) -> list[str]:
+    """``{key: value}`` (a suite's ``train`` section) as ``key=value`` command-line overrides."""
+    if not mapping:
+        return []
+    return [f"{key}={json.dumps(value) if not isinstance(value, str) else value}"
+            for key, value in OmegaConf.to_container(mapping, resolve=True).items()]
+
+
+def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting: list[str] = (),
+                  tuning: bool = False) -> list[str]:
+    """The training overrides of one (algorithm, seed) run of ``suite``: its ``train`` section, the tuning
+    section's ``train`` on top in a tuning trial, the algorithm's fixed ``algo_overrides``, then ``setting`` (a
+    trial's grid point, or the tuned setting). A suite with ``eval_seed`` gives every seed its own
+    evaluation noise: ``eval.seed`` = ``eval_seed`` + seed (the tuning section's ``eval_seed`` in a trial)."""
     overrides = [f"algo={algo}", f"model={suite.model}", f"reward={suite.reward}", f"seed={seed}",
                  f"prompts={suite.prompts}", "progress=false", "save_lora=false"]
-    for key, value in OmegaConf.to_container(suite.train, resolve=True).items():
-        overrides.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    overrides += as_overrides(suite.train)
+    section = suite.tuning if tuning else suite
+    if tuning:
+        overrides += as_overrides(section.get("train"))
     overrides += list((suite.get("algo_overrides") or {}).get(algo, []))
+    if tuning:
+        overrides += list((section.get("algo_overrides") or {}).get(algo, []))
+    if section.get("eval_seed") is not None:
+        overrides.append(f"eval.seed={int(section.eval_seed) + seed}")
+    overrides += list(setting)
     if (run_dir / "config.yaml").exists():
         overrides.append(f"resume={run_dir}")
     return overrides
@@ -94,38 +124,204 @@ def parse_seeds(value) -> list[int]:
                       "a list of distinct seeds ≥ 0 (seeds=[0,4]).")
 
 
-def run_suite(cfg: DictConfig) -> Path:
+def train_one(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting: list[str] = (),
+              tuning: bool = False) -> str:
+    """Train (or resume, or skip) one run: "finished", "failed" (recorded in the run's run_state.json, and
+    not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller stops)."""
     from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.algorithms import ALGORITHMS
     from rl4diffusion.cli.overrides import rewrite_overrides
     from rl4diffusion.training import rundir
+    from rl4diffusion.training.trainer import TrainingAborted, run
+
+    if (run_dir / "summary.json").exists():
+        return "finished"
+    state = rundir.read_run_state(run_dir) or {}
+    if state.get("state") == "failed" and state.get("exit_code") == rundir.EXIT_FAILED:
+        return "failed"
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        train_cfg = compose("train", overrides=rewrite_overrides(
+            run_overrides(suite, algo, seed, run_dir, setting=setting, tuning=tuning)))
+    try:
+        return "finished" if run(train_cfg, run_dir) else "interrupted"
+    except TrainingAborted as e:  # diverged: a result of this setting, recorded as such
+        log.warning("%s: failed: %s", run_dir.name, e)
+        (run_dir / "failed.txt").write_text(f"{e}\n")
+        return "failed"
+
+
+def suite_seeds(cfg: DictConfig) -> list[int]:
+    return parse_seeds(cfg.seeds if cfg.seeds is not None else cfg.suite.get("seeds", 3))
+
+
+def run_suite(cfg: DictConfig) -> Path:
+    """The final stage: every (algorithm, seed) at the suite's budget (at the tuned setting if it is tuned)."""
+    from rl4diffusion.training import rundir
     from rl4diffusion.training.report import write_report
-    from rl4diffusion.training.trainer import run
 
     suite = cfg.suite
-    algos = parse_algos(cfg.algos, suite.algos)
-    unknown = [a for a in algos if a not in ALGORITHMS]
-    if unknown:
-        raise ConfigError(f"unknown algorithm(s) {unknown}. Valid names: {', '.join(sorted(ALGORITHMS))}.")
-    seeds = parse_seeds(cfg.seeds)
+    algos = checked_algos(cfg)
+    seeds = suite_seeds(cfg)
     out_dir = Path(cfg.out_dir or Path("benchmarks") / "results" / suite.name).expanduser()
+    settings = {}
+    if suite.get("tuning") is not None:
+        settings = chosen_settings(suite, tuning_dir(cfg), algos)
     rundir.check_writable(out_dir / "runs", what="the bench's out_dir", key="out_dir")  # before any run starts
     for seed, algo in [(seed, algo) for seed in seeds for algo in algos]:
         run_dir = out_dir / "runs" / f"{algo}_s{seed}"
-        if (run_dir / "summary.json").exists():
-            log.info("%s seed %d: done, skipped", algo, seed)
-            continue
-        log.info("%s seed %d: training", algo, seed)
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            train_cfg = compose("train", overrides=rewrite_overrides(run_overrides(suite, algo, seed, run_dir)))
-        if not run(train_cfg, run_dir):  # stopped by SIGINT/SIGTERM (checkpointed): the suite stops too
+        log.info("%s seed %d: %s", algo, seed, "done, skipped" if (run_dir / "summary.json").exists() else "training")
+        outcome = train_one(suite, algo, seed, run_dir, setting=settings.get(algo, []))
+        if outcome == "interrupted":  # checkpointed: the suite stops too
             log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
             break
         merge_evals(out_dir, suite.name)
         write_report(out_dir, suite_name=suite.name)
     merge_evals(out_dir, suite.name)
     return write_report(out_dir, suite_name=suite.name)
+
+
+def checked_algos(cfg: DictConfig) -> list[str]:
+    from rl4diffusion.algorithms import ALGORITHMS
+
+    algos = parse_algos(cfg.algos, cfg.suite.algos)
+    unknown = [a for a in algos if a not in ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"unknown algorithm(s) {unknown}. Valid names: {', '.join(sorted(ALGORITHMS))}.")
+    return algos
+
+
+# ------------------------------------------------------------------------------------------------- tuning
+def tuning_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.tuning_dir or Path("benchmarks") / "results" / "tuning" / cfg.suite.name).expanduser()
+
+
+def grid_settings(suite: DictConfig, algo: str) -> list[list[str]]:
+    """An algorithm's tuning trials: every combination of its grid (``{option: [values]}``), in the declared
+    order, each as a list of overrides."""
+    grid = (suite.tuning.get("grid") or {}).get(algo)
+    if not grid:
+        raise ConfigError(f"suite {suite.name} has no tuning grid for {algo}: add tuning.grid.{algo} "
+                          "({option: [values]}) to the suite, with as many trials as the other algorithms.")
+    trials = [[]]
+    for key, values in OmegaConf.to_container(grid, resolve=True).items():
+        trials = [t + [f"{key}={json.dumps(v) if not isinstance(v, str) else v}"] for t in trials for v in values]
+    return trials
+
+
+def trial_score(run_dir: Path, prompt_set: str, metric: str) -> float | None:
+    """The declared metric of a finished trial: its last evaluation of ``prompt_set``; None if not finished."""
+    if not (run_dir / "summary.json").exists():
+        return None
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line.strip() and json.loads(line).get("phase") == "eval"]
+    evals = [r for r in evals if r.get("prompt_set") == prompt_set and metric in r]
+    if not evals:
+        raise ConfigError(f"tuning trial {run_dir} has no {metric} on prompt set {prompt_set!r}: the suite's "
+                          "tuning.metric and tuning.prompt_set must name an evaluation the trials record.")
+    return float(evals[-1][metric])
+
+
+def tuning_records(suite: DictConfig, out: Path, algos: list[str]) -> list[dict]:
+    """One record per (algorithm, trial): its setting, status and score (the mean over the tuning seeds)."""
+    t = suite.tuning
+    records = []
+    for algo in algos:
+        for index, setting in enumerate(grid_settings(suite, algo)):
+            scores, statuses = [], []
+            for seed in t.seeds:
+                run_dir = out / "runs" / f"{algo}_t{index}_s{seed}"
+                failed = (run_dir / "failed.txt").exists()
+                score = None if failed else trial_score(run_dir, t.prompt_set, t.metric)
+                statuses.append("failed" if failed else "done" if score is not None else "pending")
+                scores.append(score)
+            status = "failed" if "failed" in statuses else "pending" if "pending" in statuses else "done"
+            score = sum(scores) / len(scores) if status == "done" else None
+            records.append({"algo": algo, "trial": index, "setting": setting, "status": status, "score": score,
+                            "seed_scores": scores})
+    return records
+
+
+def choose(records: list[dict], algo: str) -> dict | None:
+    """The best finished trial of ``algo`` (highest score; the first on a tie), once all its trials are
+    finished or failed; None before."""
+    trials = [r for r in records if r["algo"] == algo]
+    if not trials or any(r["status"] == "pending" for r in trials):
+        return None
+    done = [r for r in trials if r["status"] == "done"]
+    return max(done, key=lambda r: r["score"]) if done else None
+
+
+def write_tuning(suite: DictConfig, out: Path, algos: list[str]) -> list[dict]:
+    """``trials.jsonl``, ``tuning.md`` and ``chosen.yaml`` from the trials' run directories."""
+    t = suite.tuning
+    records = tuning_records(suite, out, algos)
+    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    chosen = {}
+    lines = [f"# Tuning: suite {suite.name}", "",
+             f"Rule: {t.rule}", "",
+             f"Score: the last evaluation's `{t.metric}` on the `{t.prompt_set}` prompts, mean over tuning seeds "
+             f"{list(t.seeds)} (evaluation noise from seed {t.eval_seed} + seed; the final runs use other seeds and "
+             "other noise). Each algorithm has the same number of trials.", "",
+             "| algorithm | trial | setting | status | score | chosen |", "|---|---|---|---|---|---|"]
+    for algo in algos:
+        best = choose(records, algo)
+        if best is not None:
+            chosen[algo] = best["setting"]
+        for r in (r for r in records if r["algo"] == algo):
+            score = f"{r['score']:.4f}" if r["score"] is not None else "—"
+            mark = "yes" if best is r else ""
+            lines.append(f"| {algo} | {r['trial']} | `{' '.join(r['setting'])}` | {r['status']} | {score} | {mark} |")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    (out / "chosen.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(chosen)) if chosen else "{}\n")
+    return records
+
+
+def run_tuning(cfg: DictConfig) -> Path:
+    """The tuning stage: every algorithm's grid on the tuning seeds; resumable like the final stage."""
+    from rl4diffusion.training import rundir
+
+    suite = cfg.suite
+    if suite.get("tuning") is None:
+        raise ConfigError(f"suite {suite.name} has no tuning section: stage=tune needs one (seeds, eval_seed, "
+                          "prompt_set, metric, rule and a grid per algorithm); run its final stage instead.")
+    algos = checked_algos(cfg)
+    counts = {algo: len(grid_settings(suite, algo)) for algo in algos}
+    if len(set(counts.values())) > 1:
+        raise ConfigError(f"suite {suite.name}'s tuning grids give the algorithms different numbers of trials "
+                          f"({counts}): equal tuning effort means the same number for every algorithm.")
+    out = tuning_dir(cfg)
+    rundir.check_writable(out / "runs", what="the tuning directory", key="tuning_dir")
+    jobs = [(index, setting, seed, algo) for algo in algos
+            for index, setting in enumerate(grid_settings(suite, algo)) for seed in suite.tuning.seeds]
+    jobs.sort(key=lambda job: (job[0], job[2]))  # trial 0 of every algorithm first: early results everywhere
+    for index, setting, seed, algo in jobs:
+        run_dir = out / "runs" / f"{algo}_t{index}_s{seed}"
+        log.info("tuning %s trial %d seed %d: %s", algo, index, seed, " ".join(setting))
+        if train_one(suite, algo, seed, run_dir, setting=setting, tuning=True) == "interrupted":
+            log.warning("interrupted; run the same command again to continue the tuning")
+            break
+        write_tuning(suite, out, algos)
+    write_tuning(suite, out, algos)
+    return out / "tuning.md"
+
+
+def chosen_settings(suite: DictConfig, out: Path, algos: list[str]) -> dict[str, list[str]]:
+    """Each algorithm's tuned setting, from the tuning trials; refuses an algorithm that is not tuned yet."""
+    records = tuning_records(suite, out, algos)
+    settings, missing = {}, []
+    for algo in algos:
+        best = choose(records, algo)
+        if best is None:
+            trials = [r for r in records if r["algo"] == algo]
+            missing.append(f"{algo} ({sum(r['status'] != 'pending' for r in trials)}/{len(trials)} trials done"
+                           f"{', all failed' if trials and all(r['status'] == 'failed' for r in trials) else ''})")
+        else:
+            settings[algo] = best["setting"]
+    if missing:
+        raise ConfigError(f"suite {suite.name} is tuned before its final runs, and these algorithms have no tuned "
+                          f"setting yet: {', '.join(missing)}. Run python -m rl4diffusion.bench suite={suite.name} "
+                          f"stage=tune first (trials in {out}), or pass algos= the tuned ones.")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("bench", overrides=args)
-        report = run_suite(cfg)
+        if cfg.stage not in ("final", "tune"):
+            raise ConfigError(f"stage={cfg.stage}: choose final (the suite's runs, the default) or tune (its "
+                              "tuning trials).")
+        report = run_tuning(cfg) if cfg.stage == "tune" else run_suite(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(rundir.EXIT_BAD_INPUT)

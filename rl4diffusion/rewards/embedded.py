@@ -1,4 +1,5 @@
-"""The embedded world's rewards: ``shape_alignment`` (the judge) and ``colorfulness`` (a formula).
+"""The embedded world's rewards: ``shape_alignment`` (the judge's log-probability), its bounded form
+``shape_alignment_prob`` (the judge's probability) and ``colorfulness`` (a formula).
 
 Both run offline on a CPU, take images [B, 3, H, W] in [0, 1] and prompts, and are
 differentiable with respect to the pixels, so every algorithm family can use them.
@@ -76,6 +77,21 @@ class ShapeAlignment:
             + F.log_softmax(shape_logits, dim=1)[rows, labels[:, 1]]
         )
         return reward.to(images.device)
+
+
+@register_reward("shape_alignment_prob", differentiable=True)
+class ShapeAlignmentProbability(ShapeAlignment):
+    """The bounded form of ``shape_alignment``: p(prompted colour) · p(prompted shape) ∈ [0, 1].
+
+    r(x, c) = exp(log p_judge(colour(c) | x) + log p_judge(shape(c) | x)): the judge's probability that
+    the image shows the prompt. A failed image costs at most 1 here, where the log-probability can
+    cost tens; methods that normalise rewards (DDPO, GRPO) see lighter tails, and reward-backprop
+    methods a gradient that vanishes on images the judge is sure are wrong. Same prompts, judge and
+    ``check_prompts`` as ``shape_alignment``.
+    """
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return super().__call__(images, prompts).exp()
 
 
 _EPS = 1e-6

@@ -131,6 +131,7 @@ class EvalMetrics:
         if name in self.evaluator_reference:
             out["evaluator_fid_dataset"] = frechet_distance(features, self.evaluator_reference[name])
         out["sample_evaluator_correct"] = [int(c) for c in correct.tolist()]
+        out["sample_evaluator_logprob"] = [float(v) for v in logprob.tolist()]  # full precision, per image
         return out
 
 
