@@ -251,9 +251,11 @@ def choose(records: list[dict], algo: str) -> dict | None:
     return max(done, key=lambda r: r["score"]) if done else None
 
 
-def write_tuning(suite: DictConfig, out: Path, algos: list[str]) -> list[dict]:
-    """``trials.jsonl``, ``tuning.md`` and ``chosen.yaml`` from the trials' run directories."""
+def write_tuning(suite: DictConfig, out: Path) -> list[dict]:
+    """``trials.jsonl``, ``tuning.md`` and ``chosen.yaml`` from the trials' run directories, for every algorithm
+    of the suite (so that two tuning processes on disjoint ``algos=`` write the same, whole picture)."""
     t = suite.tuning
+    algos = list(suite.algos)
     records = tuning_records(suite, out, algos)
     (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     chosen = {}
@@ -300,8 +302,8 @@ def run_tuning(cfg: DictConfig) -> Path:
         if train_one(suite, algo, seed, run_dir, setting=setting, tuning=True) == "interrupted":
             log.warning("interrupted; run the same command again to continue the tuning")
             break
-        write_tuning(suite, out, algos)
-    write_tuning(suite, out, algos)
+        write_tuning(suite, out)
+    write_tuning(suite, out)
     return out / "tuning.md"
 
 
