@@ -4,6 +4,7 @@ import json
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from rl4diffusion.cli.bench import CONF_DIR, run_suite
 from rl4diffusion.training.report import write_report
@@ -164,3 +165,60 @@ def test_a_report_of_a_directory_without_evals_says_what_to_give(tmp_path):
 
     with pytest.raises(ConfigError, match="evals.jsonl"):
         write_report(tmp_path)
+
+
+def _bench_cfg(*overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("bench", overrides=list(overrides))
+
+
+def test_tuning_stage_chooses_the_best_trial_and_the_final_stage_runs_it(tmp_path):
+    import pytest
+
+    from rl4diffusion.cli.bench import run_tuning
+    from rl4diffusion.errors import ConfigError
+
+    tune_dir, final_dir = tmp_path / "tuning", tmp_path / "final"
+    common = ["suite=shapes_smoke_tuned", "algos=[refl]", f"tuning_dir={tune_dir}", f"out_dir={final_dir}"]
+    with pytest.raises(ConfigError, match="no tuned setting yet: refl"):  # the final stage before tuning
+        run_suite(_bench_cfg(*common))
+    run_tuning(_bench_cfg(*common, "stage=tune"))
+    trials = [json.loads(x) for x in (tune_dir / "trials.jsonl").read_text().splitlines()]
+    refl = [t for t in trials if t["algo"] == "refl"]
+    assert [t["status"] for t in refl] == ["done", "done"]
+    assert {t["status"] for t in trials if t["algo"] == "ddpo"} == {"pending"}  # not asked for: shown pending
+    best = max(refl, key=lambda t: t["score"])
+    tuning_config = OmegaConf.load(tune_dir / "runs" / "refl_t0_s100" / "config.yaml")
+    assert (tuning_config.seed, tuning_config.eval.seed) == (100, 600 + 100)  # tuning seed, tuning noise
+    assert "| refl |" in (tune_dir / "tuning.md").read_text()
+    run_suite(_bench_cfg(*common))
+    final_config = OmegaConf.load(final_dir / "runs" / "refl_s0" / "config.yaml")
+    chosen_lr = float(best["setting"][0].split("=")[1])
+    assert (final_config.algo.lr, final_config.eval.seed) == (chosen_lr, 500 + 0)  # chosen lr, the seed's noise
+
+
+def test_tuning_refuses_unequal_effort_and_records_a_failed_trial(tmp_path, monkeypatch):
+    import pytest
+
+    import rl4diffusion.training.trainer
+    from rl4diffusion.cli.bench import run_tuning, write_tuning
+    from rl4diffusion.errors import ConfigError
+    from rl4diffusion.training.trainer import TrainingAborted
+
+    with pytest.raises(ConfigError, match="different numbers of trials"):
+        run_tuning(_bench_cfg("suite=shapes_smoke_tuned", "stage=tune", "suite.tuning.grid.refl={algo.lr: [1.0e-3]}",
+                              f"tuning_dir={tmp_path}"))
+
+    def diverging_run(cfg, run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        raise TrainingAborted("3 updates were skipped for non-finite losses")
+
+    monkeypatch.setattr(rl4diffusion.training.trainer, "run", diverging_run)
+    cfg = _bench_cfg("suite=shapes_smoke_tuned", "stage=tune", "algos=[ddpo]", f"tuning_dir={tmp_path}")
+    run_tuning(cfg)  # every trial fails: recorded, and the stage finishes
+    records = write_tuning(cfg.suite, tmp_path)
+    assert [r["status"] for r in records if r["algo"] == "ddpo"] == ["failed", "failed"]
+    assert "non-finite" in (tmp_path / "runs" / "ddpo_t0_s100" / "failed.txt").read_text()
+    with pytest.raises(ConfigError, match="ddpo .2/2 trials done, all failed"):
+        run_suite(_bench_cfg("suite=shapes_smoke_tuned", "algos=[ddpo]", f"tuning_dir={tmp_path}",
+                             f"out_dir={tmp_path / 'final'}"))
