@@ -222,3 +222,22 @@ def test_tuning_refuses_unequal_effort_and_records_a_failed_trial(tmp_path, monk
     with pytest.raises(ConfigError, match="ddpo .2/2 trials done, all failed"):
         run_suite(_bench_cfg("suite=shapes_smoke_tuned", "algos=[ddpo]", f"tuning_dir={tmp_path}",
                              f"out_dir={tmp_path / 'final'}"))
+
+
+def test_baselines_stage_evaluates_the_best_guidance_and_best_of_n_without_training(tmp_path):
+    from rl4diffusion.cli.bench import run_baselines
+
+    cfg = _bench_cfg("suite=shapes_smoke_tuned", "stage=baselines", f"tuning_dir={tmp_path / 't'}",
+                     f"out_dir={tmp_path / 'f'}")
+    run_baselines(cfg)
+    scores = {g: json.loads((tmp_path / "t" / "runs" / f"base_g{g}_s100" / "metrics.jsonl").read_text()
+                            .splitlines()[0])["evaluator_logprob"] for g in (1, 2)}
+    best = max(scores, key=scores.get)
+    rows = [json.loads(x) for x in (tmp_path / "f" / "evals.jsonl").read_text().splitlines()]
+    assert {r["algo"] for r in rows} == {f"base_g{best}", "best_of_2"} and all(r["baseline"] for r in rows)
+    base, chosen = [r for r in rows if r["algo"] == "best_of_2"]
+    images = len(base["sample_rewards"])
+    assert (base["reward_queries"], chosen["reward_queries"]) == (0, 2 * images)
+    # each chosen image is the better of two candidates, the first being the base model's on the same noise
+    assert all(c >= b for c, b in zip(chosen["sample_rewards"], base["sample_rewards"]))
+    assert chosen["reward_mean"] > base["reward_mean"]

@@ -95,6 +95,9 @@ CHECKED = {  # command → why it is not run: its suite is composed and every ru
     'python -m rl4diffusion.bench suite=shapes "algos=[ddpo,nabla_gfn]" seeds=1': "2 runs of 180 CPU-s and "
     "their evaluations",
     "python -m rl4diffusion.bench suite=shapes_queries": "4 algorithms × 3 seeds, 1,536 queries each: hours",
+    "python -m rl4diffusion.bench suite=shapes_4k stage=tune": "13 algorithms × 6 trials: days of CPU",
+    "python -m rl4diffusion.bench suite=shapes_4k": "13 algorithms × 5 seeds × 4,096 queries: days of CPU",
+    "python -m rl4diffusion.bench suite=shapes_4k stage=baselines": "4 guidance scales, then 2 baselines × 5 seeds",
 }
 COVERED = {
     f"{TRAIN} model=tiny_flow algo=grpo":
@@ -276,10 +279,17 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
 def test_hour_long_bench_commands_compose_and_their_runs_validate(command, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.cli.bench import CONF_DIR, run_overrides
+    from rl4diffusion.cli.bench import BASELINE_ALGO, CONF_DIR, grid_settings, run_overrides
     from rl4diffusion.cli.overrides import check_config, rewrite_overrides
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("bench", overrides=shlex.split(command)[3:])
-    for algo in cfg.algos or cfg.suite.algos:
-        check_config(rewrite_overrides(run_overrides(cfg.suite, algo, 0, tmp_path / algo)))
+    tuning = cfg.stage == "tune"
+    for algo in cfg.algos or cfg.suite.algos:  # every trial of a tuning stage
+        for setting in grid_settings(cfg.suite, algo) if tuning else [[]]:
+            check_config(rewrite_overrides(run_overrides(cfg.suite, algo, 0, tmp_path / algo, setting=setting,
+                                                         tuning=tuning)))
+    if cfg.stage == "baselines":
+        for g in cfg.suite.baselines.guidance:
+            check_config(rewrite_overrides(run_overrides(cfg.suite, BASELINE_ALGO, 0, tmp_path / "base",
+                                                         setting=[f"model.guidance_scale={g}"], tuning=True)))

@@ -4,6 +4,7 @@
     python -m rl4diffusion.bench suite=shapes_smoke              # the CI-sized suite
     python -m rl4diffusion.bench suite=shapes_4k stage=tune      # a tuned suite: its tuning trials first
     python -m rl4diffusion.bench suite=shapes_4k                 # then its final runs, at the chosen settings
+    python -m rl4diffusion.bench suite=shapes_4k stage=baselines # and its no-training baselines
 
 ``algos`` is one name, a comma list or a ``[list]``; ``seeds`` is a count (seeds 0 … N−1) or a list of
 seeds (``seeds=[0,4]``); by default the suite's ``seeds``, else 3.
@@ -23,6 +24,11 @@ of a metric at the end of the tuning budget). Trials live in ``benchmarks/result
 trial. The final stage (``stage=final``, the default) runs each algorithm at its chosen setting and refuses
 an algorithm whose trials are not all done. A run that fails (say, a learning rate that diverges) is
 recorded as failed and the suite goes on: a failing setting is a result.
+
+A suite with a ``baselines`` section also evaluates what needs no training (``stage=baselines``,
+``rl4diffusion.training.baselines``): the base model at the guidance scale that scores best on the tuning
+seeds and noise, and best-of-N sampling; their runs sit beside the trained ones and are marked
+``"baseline": true`` in ``evals.jsonl``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,7 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
             continue
         algo, _, seed = run_dir.name.rpartition("_s")
         samples_per_prompt = OmegaConf.load(run_dir / "config.yaml").eval.samples_per_prompt
+        baseline = json.loads((run_dir / "summary.json").read_text()).get("baseline", False)
         for line in metrics.read_text().splitlines():
             record = json.loads(line)
             if record["phase"] == "eval":
@@ -89,7 +96,8 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
                 if record["prompt_set"] not in set_sizes:
                     set_sizes[record["prompt_set"]] = len(resolve_prompts(record["prompt_set"]))
                 win_n = set_sizes[record["prompt_set"]] * samples_per_prompt
-                rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record, "win_n": win_n})
+                rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record, "win_n": win_n,
+                             **({"baseline": True} if baseline else {})})
     path = out_dir / "evals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -307,6 +315,68 @@ def run_tuning(cfg: DictConfig) -> Path:
     return out / "tuning.md"
 
 
+# ---------------------------------------------------------------------------------------------- baselines
+BASELINE_ALGO = "ddpo"
+"""The algorithm a baseline's config names: the trainer builds one, and the baseline never trains it."""
+
+
+def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, setting: list[str], best_of: int,
+                 tuning: bool = False) -> None:
+    """Evaluate one no-training baseline into ``run_dir`` (skipped when it is already there)."""
+    from hydra import compose, initialize_config_dir
+
+    from rl4diffusion.cli.overrides import rewrite_overrides
+    from rl4diffusion.training.baselines import run_baseline
+
+    if (run_dir / "summary.json").exists():
+        return
+    log.info("baseline %s seed %d", name, seed)
+    overrides = run_overrides(suite, BASELINE_ALGO, seed, run_dir, setting=setting, tuning=tuning)
+    overrides = [o for o in overrides if not o.startswith("resume=")]  # nothing to resume: evaluated again
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        train_cfg = compose("train", overrides=rewrite_overrides(overrides))
+    run_baseline(train_cfg, run_dir, best_of=best_of)
+
+
+def run_baselines(cfg: DictConfig) -> Path:
+    """The no-training baselines of a suite (its ``baselines`` section): the base model at the guidance scale
+    that scores best on the tuning seeds and noise (by the tuning rule's metric), and best-of-N sampling at
+    the model's guidance, both on every final seed's evaluation noise, into the suite's runs."""
+    from rl4diffusion.training.report import write_report
+
+    suite = cfg.suite
+    spec = suite.get("baselines")
+    if spec is None or suite.get("tuning") is None:
+        raise ConfigError(f"suite {suite.name} declares no baselines: stage=baselines needs a baselines section "
+                          "(guidance: [scales], best_of: N) and a tuning section (the guidance is chosen on its "
+                          "seeds and noise).")
+    t, tune_out = suite.tuning, tuning_dir(cfg)
+    scores = {}
+    for g in spec.guidance:
+        runs = [tune_out / "runs" / f"base_g{g}_s{seed}" for seed in t.seeds]
+        for seed, run_dir in zip(t.seeds, runs):
+            baseline_run(suite, f"base_g{g}", seed, run_dir, setting=[f"model.guidance_scale={g}"], best_of=1,
+                         tuning=True)
+        scores[g] = sum(trial_score(r, t.prompt_set, t.metric) for r in runs) / len(runs)
+    best = max(spec.guidance, key=lambda g: scores[g])
+    lines = [f"# No-training baselines: suite {suite.name}", "",
+             f"The base model's guidance scale, chosen by the tuning rule's metric (`{t.metric}` on the "
+             f"`{t.prompt_set}` prompts, tuning seeds {list(t.seeds)}): **{best}**.", "",
+             "| guidance | score | chosen |", "|---|---|---|",
+             *[f"| {g} | {scores[g]:.4f} | {'yes' if g == best else ''} |" for g in spec.guidance], "",
+             f"Best-of-{spec.best_of}: each evaluation image is the best of {spec.best_of} candidates under the "
+             "training reward, at the model's guidance.", ""]
+    (tune_out / "baselines.md").write_text("\n".join(lines))
+    out_dir = Path(cfg.out_dir or Path("benchmarks") / "results" / suite.name).expanduser()
+    for seed in suite_seeds(cfg):
+        baseline_run(suite, f"base_g{best}", seed, out_dir / "runs" / f"base_g{best}_s{seed}",
+                     setting=[f"model.guidance_scale={best}"], best_of=1)
+        baseline_run(suite, f"best_of_{spec.best_of}", seed, out_dir / "runs" / f"best_of_{spec.best_of}_s{seed}",
+                     setting=[], best_of=int(spec.best_of))
+    merge_evals(out_dir, suite.name)
+    return write_report(out_dir, suite_name=suite.name)
+
+
 def chosen_settings(suite: DictConfig, out: Path, algos: list[str]) -> dict[str, list[str]]:
     """Each algorithm's tuned setting, from the tuning trials; refuses an algorithm that is not tuned yet."""
     records = tuning_records(suite, out, algos)
@@ -346,10 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("bench", overrides=args)
-        if cfg.stage not in ("final", "tune"):
-            raise ConfigError(f"stage={cfg.stage}: choose final (the suite's runs, the default) or tune (its "
-                              "tuning trials).")
-        report = run_tuning(cfg) if cfg.stage == "tune" else run_suite(cfg)
+        stages = {"final": run_suite, "tune": run_tuning, "baselines": run_baselines}
+        if cfg.stage not in stages:
+            raise ConfigError(f"stage={cfg.stage}: choose final (the suite's runs, the default), tune (its tuning "
+                              "trials) or baselines (its no-training baselines).")
+        report = stages[cfg.stage](cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(rundir.EXIT_BAD_INPUT)
