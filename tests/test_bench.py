@@ -195,6 +195,7 @@ def test_tuning_stage_chooses_the_best_trial_and_the_final_stage_runs_it(tmp_pat
     final_config = OmegaConf.load(final_dir / "runs" / "refl_s0" / "config.yaml")
     chosen_lr = float(best["setting"][0].split("=")[1])
     assert (final_config.algo.lr, final_config.eval.seed) == (chosen_lr, 500 + 0)  # chosen lr, the seed's noise
+    assert (final_dir / "grids" / "refl_train.png").stat().st_size > 1000  # the committed base-vs-final grid
 
 
 def test_tuning_refuses_unequal_effort_and_records_a_failed_trial(tmp_path, monkeypatch):

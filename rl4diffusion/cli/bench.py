@@ -182,10 +182,30 @@ def run_suite(cfg: DictConfig) -> Path:
         if outcome == "interrupted":  # checkpointed: the suite stops too
             log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
             break
+        if outcome == "finished" and seed == seeds[0]:
+            keep_final_grids(run_dir, out_dir / "grids", algo)
         merge_evals(out_dir, suite.name)
         write_report(out_dir, suite_name=suite.name)
     merge_evals(out_dir, suite.name)
     return write_report(out_dir, suite_name=suite.name)
+
+
+def keep_final_grids(run_dir: Path, grids_dir: Path, algo: str) -> list[Path]:
+    """Copy the first page of the final evaluation's grid of every prompt set (base and final model on the
+    same noise, prompts beside the images) to ``<grids_dir>/<algo>_<set>.png``: run directories' images are
+    not committed, these are."""
+    import shutil
+
+    pages = sorted((run_dir / "images").glob("eval_*_p1.png"))
+    last = {}
+    for page in pages:  # eval_<step>_<set>_p1.png, steps zero-padded: the last one per set is the final's
+        prompt_set = page.name[len("eval_00000_"):-len("_p1.png")]
+        last[prompt_set] = page
+    grids_dir.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for prompt_set, page in sorted(last.items()):
+        kept.append(Path(shutil.copyfile(page, grids_dir / f"{algo}_{prompt_set}.png")))
+    return kept
 
 
 def checked_algos(cfg: DictConfig) -> list[str]:
