@@ -98,6 +98,7 @@ CHECKED = {  # command → why it is not run: its suite is composed and every ru
     "python -m rl4diffusion.bench suite=shapes_4k stage=tune": "13 algorithms × 6 trials: days of CPU",
     "python -m rl4diffusion.bench suite=shapes_4k": "13 algorithms × 5 seeds × 4,096 queries: days of CPU",
     "python -m rl4diffusion.bench suite=shapes_4k stage=baselines": "4 guidance scales, then 2 baselines × 5 seeds",
+    "python -m rl4diffusion.bench suite=shapes_4k_bounded": "13 algorithms × 3 seeds × 4,096 queries: days of CPU",
 }
 COVERED = {
     f"{TRAIN} model=tiny_flow algo=grpo":

@@ -220,7 +220,9 @@ def checked_algos(cfg: DictConfig) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- tuning
 def tuning_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.tuning_dir or Path("benchmarks") / "results" / "tuning" / cfg.suite.name).expanduser()
+    """Where the suite's tuning trials live; a suite with ``tuned_by: <suite>`` uses that suite's."""
+    name = cfg.suite.get("tuned_by") or cfg.suite.name
+    return Path(cfg.tuning_dir or Path("benchmarks") / "results" / "tuning" / name).expanduser()
 
 
 def grid_settings(suite: DictConfig, algo: str) -> list[list[str]]:
@@ -314,6 +316,9 @@ def run_tuning(cfg: DictConfig) -> Path:
     if suite.get("tuning") is None:
         raise ConfigError(f"suite {suite.name} has no tuning section: stage=tune needs one (seeds, eval_seed, "
                           "prompt_set, metric, rule and a grid per algorithm); run its final stage instead.")
+    if suite.get("tuned_by"):
+        raise ConfigError(f"suite {suite.name} takes its settings from suite {suite.tuned_by}'s tuning: run "
+                          f"python -m rl4diffusion.bench suite={suite.tuned_by} stage=tune instead.")
     algos = checked_algos(cfg)
     counts = {algo: len(grid_settings(suite, algo)) for algo in algos}
     if len(set(counts.values())) > 1:
