@@ -14,7 +14,8 @@ prompts, evaluation protocol and budget (reward queries, training CPU-seconds an
 seconds — the suite says which bind; all three are recorded). Runs live in ``<out_dir>/runs/<algo>_s<seed>``: a finished run
 (summary.json present) is skipped, an interrupted one resumes from its checkpoint, so a suite can
 be completed over several sittings. After every run the evaluation records of all runs are merged
-into ``<out_dir>/evals.jsonl`` and the report (``report.md`` + PNG plots) is regenerated.
+into ``<out_dir>/evals.jsonl`` and the report (``report.md`` + PNG plots) is regenerated; while a suite is
+under way (or when a run failed) its algorithms have different seeds, which the report's header lists.
 
 A suite with a ``tuning`` section is tuned before it is run, every algorithm with the same number of trials
 (``stage=tune``): each trial is one setting of the algorithm's grid, trained on the tuning seeds with the
@@ -185,9 +186,9 @@ def run_suite(cfg: DictConfig) -> Path:
         if outcome == "finished" and seed == seeds[0]:
             keep_final_grids(run_dir, out_dir / "grids", algo)
         merge_evals(out_dir, suite.name)
-        write_report(out_dir, suite_name=suite.name)
+        write_report(out_dir, suite_name=suite.name, allow_unequal_seeds=True)
     merge_evals(out_dir, suite.name)
-    return write_report(out_dir, suite_name=suite.name)
+    return write_report(out_dir, suite_name=suite.name, allow_unequal_seeds=True)
 
 
 def keep_final_grids(run_dir: Path, grids_dir: Path, algo: str) -> list[Path]:
@@ -399,7 +400,7 @@ def run_baselines(cfg: DictConfig) -> Path:
         baseline_run(suite, f"best_of_{spec.best_of}", seed, out_dir / "runs" / f"best_of_{spec.best_of}_s{seed}",
                      setting=[], best_of=int(spec.best_of))
     merge_evals(out_dir, suite.name)
-    return write_report(out_dir, suite_name=suite.name)
+    return write_report(out_dir, suite_name=suite.name, allow_unequal_seeds=True)
 
 
 def chosen_settings(suite: DictConfig, out: Path, algos: list[str]) -> dict[str, list[str]]:
