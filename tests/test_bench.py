@@ -242,3 +242,17 @@ def test_baselines_stage_evaluates_the_best_guidance_and_best_of_n_without_train
     # each chosen image is the better of two candidates, the first being the base model's on the same noise
     assert all(c >= b for c, b in zip(chosen["sample_rewards"], base["sample_rewards"]))
     assert chosen["reward_mean"] > base["reward_mean"]
+
+
+def test_a_suite_variant_is_an_algorithm_with_options_under_its_own_name(tmp_path):
+    import pytest
+
+    from rl4diffusion.cli.bench import checked_algos, run_overrides
+    from rl4diffusion.errors import ConfigError
+
+    cfg = _bench_cfg("suite=flow")
+    assert "grpo_fast" in checked_algos(cfg)
+    overrides = run_overrides(cfg.suite, "grpo_fast", 3, tmp_path / "grpo_fast_s3")
+    assert overrides[0] == "algo=grpo" and "algo.window_size=2" in overrides and "eval.seed=30003" in overrides
+    with pytest.raises(ConfigError, match="broken .a variant of no_such_algo."):
+        checked_algos(_bench_cfg("suite=flow", "+suite.variants.broken={algo: no_such_algo, overrides: []}"))

@@ -60,10 +60,14 @@ def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, set
     """The training overrides of one (algorithm, seed) run of ``suite``: its ``train`` section, the tuning
     section's ``train`` on top in a tuning trial, the algorithm's fixed ``algo_overrides``, then ``setting`` (a
     trial's grid point, or the tuned setting). A suite with ``eval_seed`` gives every seed its own
-    evaluation noise: ``eval.seed`` = ``eval_seed`` + seed (the tuning section's ``eval_seed`` in a trial)."""
-    overrides = [f"algo={algo}", f"model={suite.model}", f"reward={suite.reward}", f"seed={seed}",
-                 f"prompts={suite.prompts}", "progress=false", "save_lora=false"]
+    evaluation noise: ``eval.seed`` = ``eval_seed`` + seed (the tuning section's ``eval_seed`` in a trial). A name
+    in the suite's ``variants`` (``{name: {algo: grpo, overrides: [...]}}``) is that algorithm with those
+    options, compared under its own name."""
+    variant = (suite.get("variants") or {}).get(algo)  # a named setting of an algorithm, e.g. grpo_fast
+    overrides = [f"algo={variant.algo if variant else algo}", f"model={suite.model}", f"reward={suite.reward}",
+                 f"seed={seed}", f"prompts={suite.prompts}", "progress=false", "save_lora=false"]
     overrides += as_overrides(suite.train)
+    overrides += list(variant.overrides) if variant else []
     section = suite.tuning if tuning else suite
     if tuning:
         overrides += as_overrides(section.get("train"))
@@ -213,9 +217,12 @@ def checked_algos(cfg: DictConfig) -> list[str]:
     from rl4diffusion.algorithms import ALGORITHMS
 
     algos = parse_algos(cfg.algos, cfg.suite.algos)
-    unknown = [a for a in algos if a not in ALGORITHMS]
+    variants = cfg.suite.get("variants") or {}
+    unknown = [a for a in algos if a not in ALGORITHMS and a not in variants]
+    unknown += [f"{name} (a variant of {v.algo})" for name, v in variants.items() if v.algo not in ALGORITHMS]
     if unknown:
-        raise ConfigError(f"unknown algorithm(s) {unknown}. Valid names: {', '.join(sorted(ALGORITHMS))}.")
+        raise ConfigError(f"unknown algorithm(s) {unknown}. Valid names: {', '.join(sorted(ALGORITHMS))}"
+                          f"{', and the suite variants ' + ', '.join(variants) if variants else ''}.")
     return algos
 
 
