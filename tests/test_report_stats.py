@@ -196,3 +196,18 @@ def test_the_report_script_refuses_a_mixed_file_with_one_message(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "2 suites" in proc.stderr
     assert not (tmp_path / "report.md").exists()
+
+
+def test_speedup_to_reach_counts_the_queries_to_the_references_final_value():
+    from rl4diffusion.training.report import EVALUATOR_LOGPROB, above_one, speedup_to_reach
+
+    # grpo gains 1.0 over 4 evaluations; nft gains 3.0, so it passes 1.0 at its 2nd evaluation (gain 1.5;
+    # 0.75 at the 1st): half grpo's final queries
+    rows = suite_rows({"grpo": (1.0, 1.0), "nft": (3.0, 3.0)}, evaluations=4)
+    runs = runs_by_algorithm(rows, "train")
+    fast = speedup_to_reach(runs["nft"], runs["grpo"], EVALUATOR_LOGPROB, "reward_queries")
+    assert fast.value == 4 / 2 and above_one(fast) == "supported"
+    rows = suite_rows({"grpo": (1.0, 1.0), "nft": (0.3, 0.3)}, evaluations=4)  # never reaches it
+    runs = runs_by_algorithm(rows, "train")
+    slow = speedup_to_reach(runs["nft"], runs["grpo"], EVALUATOR_LOGPROB, "train_cpu_s")
+    assert slow.value == 0.0 and above_one(slow) == "refuted"

@@ -704,7 +704,60 @@ PAPERS = {
     "diffusion_dpo": "Diffusion-DPO (Wallace et al. 2024, arXiv 2311.12908)",
     "dmpo": "DMPO (Li et al. 2025, arXiv 2507.07510)",
     "sdpo": "SDPO / DPO-C&M (Yang, Tan et al. 2025, arXiv 2505.21893)",
+    "nft": "DiffusionNFT (Zheng et al. 2025, arXiv 2509.16117)",
+    "grpo_fast": "Flow-GRPO-Fast (Liu et al., yifan123/flow_grpo)",
+    "mixgrpo": "MixGRPO (Li et al. 2025, arXiv 2507.21802)",
 }
+EFFICIENCY_CLAIMS = ("nft", "grpo_fast", "mixgrpo")
+"""Methods claimed to reach Flow-GRPO's reward with less: their claims are made when they are in the suite."""
+SPEEDUP_RULE = ("speed-up = the reference's final x ÷ the x at which the method's seed-mean curve first reaches the "
+                "reference's seed-mean final value (0 if it never does), with a seed-bootstrap interval; supported if "
+                "the interval lies above 1, refuted if below 1, cannot tell at this scale otherwise")
+SPEEDUP_CAP = 1e6
+"""A method whose base model already has the reference's final value needs 0 of x: its speed-up is capped here."""
+
+
+def speedup_to_reach(runs: list[Run], reference: list[Run], measure: Measure, x_key: str,
+                     *, draws: int = BOOTSTRAP_DRAWS) -> Estimate | None:
+    """How many times less ``x_key`` (``reward_queries`` or ``train_cpu_s``) ``runs`` need than ``reference`` to
+    reach the reference's final value of ``measure`` (its per-evaluation mean).
+
+    On the seed-mean curves: the method's evaluations are averaged index by index over its seeds (an online
+    suite evaluates every seed at the same queries), the first evaluation at or above the reference's mean
+    final value gives the x (mean over seeds) it took. Both algorithms' seeds are resampled independently in
+    each bootstrap replicate; images are not resampled here."""
+    def curve(run):
+        return [(float(r[x_key]), float(r[measure.mean_key])) for r in run.records
+                if r.get(x_key) is not None and r.get(measure.mean_key) is not None]
+
+    curves, references = [curve(r) for r in runs], [curve(r) for r in reference]
+    if not curves or not references or not all(curves) or not all(references):
+        return None
+    n = min(len(c) for c in curves)
+    xs = np.array([[x for x, _ in c[:n]] for c in curves])
+    ys = np.array([[y for _, y in c[:n]] for c in curves])
+    ref_x, ref_y = np.array([c[-1][0] for c in references]), np.array([c[-1][1] for c in references])
+
+    def speedup(pick, ref_pick) -> float:
+        reached = np.nonzero(ys[pick].mean(axis=0) >= ref_y[ref_pick].mean())[0]
+        if not len(reached):
+            return 0.0
+        x = xs[pick, reached[0]].mean()
+        return min(SPEEDUP_CAP, ref_x[ref_pick].mean() / x) if x > 0 else SPEEDUP_CAP
+
+    rng = _stream(f"speedup {runs[0].algo} {reference[0].algo} {measure.name} {x_key}")
+    replicates = np.array([speedup(rng.integers(0, len(curves), len(curves)),
+                                   rng.integers(0, len(references), len(references))) for _ in range(draws)])
+    value = speedup(np.arange(len(curves)), np.arange(len(references)))
+    return Estimate(value, *_interval(replicates), min(len(curves), len(references)), replicates)
+
+
+def above_one(estimate: Estimate | None) -> str:
+    """``SPEEDUP_RULE``'s verdict."""
+    if estimate is None:
+        return CANNOT_TELL
+    return direction_verdict(Estimate(estimate.value - 1, estimate.low - 1, estimate.high - 1, estimate.seeds,
+                                      estimate.draws - 1), +1)
 
 
 def paper_claims(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[Run]], prompt_set: str) -> list[Claim]:
@@ -773,6 +826,25 @@ def paper_claims(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[
         claims.append(claim("sdpo", f"{algo} is more stable than Diffusion-DPO (smaller std across seeds of the final "
                             f"{judged}) and better (higher final {judged})", [algo, "diffusion_dpo"], parts,
                             f"{DIRECTION_RULE}; {ALL_PARTS_RULE}"))
+    # The flow era's efficiency claims, against Flow-GRPO (grpo: the SDE sampler at every step)
+    if training & set(EFFICIENCY_CLAIMS):
+        def speedups(algo, x_keys):
+            runs, reference = runs_by_algo.get(algo), runs_by_algo.get("grpo")
+            return [(f"{'reward queries' if x == 'reward_queries' else 'training CPU-seconds'} to reach grpo's "
+                     f"final {judged}: speed-up of {algo}",
+                     speedup_to_reach(runs, reference, measure, x) if runs and reference else None, above_one)
+                    for x in x_keys]
+
+        claims.append(claim("nft", f"DiffusionNFT reaches Flow-GRPO's final {judged} with fewer reward queries and "
+                            "fewer training CPU-seconds (the paper reports up to 25× Flow-GRPO's efficiency)",
+                            ["nft", "grpo"], speedups("nft", ["reward_queries", "train_cpu_s"]),
+                            f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}"))
+        claims.append(claim("grpo_fast", f"Flow-GRPO-Fast (SDE steps in a 2-step window) reaches Flow-GRPO's final "
+                            f"{judged} in fewer training CPU-seconds", ["grpo_fast", "grpo"],
+                            speedups("grpo_fast", ["train_cpu_s"]), SPEEDUP_RULE))
+        claims.append(claim("mixgrpo", f"MixGRPO (a sliding SDE window) reaches Flow-GRPO's final {judged} in fewer "
+                            "training CPU-seconds (the paper reports about half of DanceGRPO's training time)",
+                            ["mixgrpo", "grpo"], speedups("mixgrpo", ["train_cpu_s"]), SPEEDUP_RULE))
     return claims
 
 
