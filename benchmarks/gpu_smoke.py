@@ -4,7 +4,8 @@ What runs (each in its own subprocess, so one failure or crash does not stop the
 
 * every algorithm of the registry (``rl4diffusion.algorithms.ALGORITHMS``) on the embedded tiny model,
   under ``mixed_precision=no`` (fp32) and ``mixed_precision=bf16``;
-* GRPO and DiffusionNFT (``--flow-algos``) on the embedded flow-matching model, ``model=tiny_flow``;
+* the algorithms that train flow models (``--flow-algos``) on the embedded flow-matching model,
+  ``model=tiny_flow``;
 * DDPO and ∇-GFlowNet (``--sd15-algos``) on a randomly initialised pipeline with SD1.5's UNet
   (860 M parameters, 64×64×4 latents, 512×512 images), a 2-layer CLIP text encoder of width 768
   and a small 4-channel, 8×-downscaling VAE (``rl4diffusion.testing.make_random_sd15_pipeline``).
@@ -291,7 +292,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated algorithms on the tiny model (default: all)")
     p.add_argument("--sd15-algos", default="ddpo,nabla_gfn",
                    help="algorithms on the SD1.5-architecture model ('' = none)")
-    p.add_argument("--flow-algos", default="grpo,nft",
+    p.add_argument("--flow-algos", default="grpo,nft,refl,draft,alignprop,diffusion_dpo,dmpo,sft",
                    help="algorithms on the embedded flow-matching model, model=tiny_flow ('' = none)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per run")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (the timings then include contention)")

@@ -32,7 +32,7 @@ import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop
+from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop, extra_conditioning
 from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.errors import ConfigError
 
@@ -106,7 +106,8 @@ class AlignProp(RewardBackprop):
         cfg = self.config
         b = truncation_start(self.num_steps, strategy=cfg.truncation, generator=self.generator, mean=cfg.trunc_mean,
                              std=cfg.trunc_std, low=cfg.trunc_range[0], high=cfg.trunc_range[1], fixed=cfg.trunc_fixed)
-        out = self.window(minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], grad_start=b)
+        out = self.window(minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], grad_start=b,
+                          conditioning=extra_conditioning(self.policy, minibatch))
         rewards = self.score(out.latents, minibatch[keys.PROMPT_ID])
         return {**alignprop_loss(rewards, scale=cfg.loss_scale, target=cfg.reward_target), "rewards": rewards,
                 "truncation_start": torch.tensor(float(b)), "grad_steps": torch.tensor(float(out.grad_steps))}

@@ -19,6 +19,13 @@ Notation (the chain has N steps indexed i = 0 … N−1, timesteps t_0 > t_1 > �
              ``torch.no_grad`` and their output is detached — the stop-gradient of DRaFT-K /
              AlignProp. Steps before the window therefore cost no activation memory at all.
 
+Flow-matching models (SD3, ``model=tiny_flow``) run the same window: ε̂_θ is then the guided velocity
+v̂_θ(x_σ, 1000σ, c, pooled c) — the transformer also takes the prompt's pooled embeddings, passed through
+``conditioning`` — and the step is Flow-GRPO's SDE step (``flow_sde_step_with_log_prob``) at the model's
+noise level a (``model.noise_level``, or ``algo.eta`` here): μ = x + [v̂ + s_t²/(2σ)·(x + (1 − σ)v̂)]·Δt with
+Δt = σ_next − σ, which at a = 0 (``algo.eta=0``) is the ODE's Euler step x_next = x + (σ_next − σ)·v̂. The
+one-step clean prediction is x̂₀ = x_σ − σ·v̂ (rectified flow, x_σ = (1 − σ)x₀ + σε).
+
 Each UNet call inside the window can be wrapped in ``torch.utils.checkpoint.checkpoint(...,
 use_reentrant=False)``: activations are recomputed during backward instead of stored, so memory
 grows with the window length by only one latent per step (``benchmarks/backprop_memory.py``).
@@ -63,7 +70,8 @@ class BackpropConfig:
     checkpointing: bool = True
     """Wrap every UNet call that carries a gradient in torch.utils.checkpoint (less memory, ~1 extra forward)."""
     eta: float | None = None
-    """DDIM η of the differentiable chain; None uses the model's (model.eta)."""
+    """DDIM η of the differentiable chain (a flow model's SDE noise level; 0 = the ODE); None uses the model's
+    (model.eta, or model.noise_level for a flow model)."""
 
     def validate(self) -> None:
         check_minibatch(self.batch_size, self.minibatch_size)
@@ -79,11 +87,21 @@ class WindowOutput(NamedTuple):
     grad_steps: int  # how many steps carried a gradient
 
 
-def predict_noise(policy, latents, timestep, prompt_embeds, *, checkpointing: bool) -> torch.Tensor:
-    """ε̂_θ(x_t, t, c), wrapped in a non-reentrant activation checkpoint when it carries a gradient."""
+def predict_noise(policy, latents, timestep, prompt_embeds, *, checkpointing: bool,
+                  conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """ε̂_θ(x_t, t, c) (a flow model's v̂_θ), wrapped in a non-reentrant activation checkpoint when it carries a
+    gradient. ``conditioning``: the denoiser's keyword inputs beyond prompt_embeds (``extra_conditioning``)."""
+    conditioning = conditioning or {}
     if checkpointing and torch.is_grad_enabled():
-        return checkpoint(policy.predict_noise, latents, timestep, prompt_embeds, use_reentrant=False)
-    return policy.predict_noise(latents, timestep, prompt_embeds)
+        return checkpoint(policy.predict_noise, latents, timestep, prompt_embeds, use_reentrant=False, **conditioning)
+    return policy.predict_noise(latents, timestep, prompt_embeds, **conditioning)
+
+
+def extra_conditioning(policy, states: TensorDictBase) -> dict[str, torch.Tensor]:
+    """What the denoiser takes beyond prompt_embeds, read from states by key (``policy.extra_conditioning_keys``:
+    an SD3-style flow model's ``pooled_prompt_embeds``; nothing for Stable Diffusion). The keys are
+    ``predict_noise``'s keyword names."""
+    return {key: states[key] for key in policy.extra_conditioning_keys}
 
 
 def chain_noise(policy, num: int, shape, generator: torch.Generator | None) -> torch.Tensor:
@@ -106,6 +124,7 @@ def sample_with_grad_window(
     generator: torch.Generator | None = None,
     eta: float | None = None,
     checkpointing: bool = True,
+    conditioning: dict[str, torch.Tensor] | None = None,
 ) -> WindowOutput:
     """Run steps [start, stop) of the chain from ``latents`` (= x_start), with grad only for steps ≥ grad_start.
 
@@ -119,7 +138,9 @@ def sample_with_grad_window(
         grad_start: first step index with grad; start ≤ grad_start ≤ stop (= stop: no grad at all).
         stop: one past the last step to run (default N, i.e. down to x₀).
         noise: the step noises z [stop − start, B, C, h, w]; drawn from ``generator`` when None.
-        eta: DDIM η (None = the model's).
+        eta: DDIM η, or a flow model's noise level (None = the model's).
+        conditioning: the denoiser's keyword inputs beyond prompt_embeds, e.g. a flow model's
+            ``{"pooled_prompt_embeds": [B, P]}`` (``extra_conditioning``).
     Returns:
         WindowOutput(latents=x_stop, pred_x0=x̂₀ of the last step run, grad_steps).
 
@@ -134,16 +155,16 @@ def sample_with_grad_window(
         raise ValueError(f"need 0 ≤ start ({start}) ≤ grad_start ({grad_start}) ≤ stop ({stop}) ≤ N ({num_steps}), start < stop")
     if noise is not None and noise.shape[0] != stop - start:
         raise ValueError(f"noise must hold one z per step run: [{stop - start}, B, ...], got {tuple(noise.shape)}")
-    x, pred_x0 = latents, None
+    x, pred_x0, conditioning = latents, None, conditioning or {}
     for i in range(start, stop):
         t = policy.timesteps[i]
         z = noise[i - start] if noise is not None else policy.draw_noise(x.shape, generator)
         if i < grad_start:
             with torch.no_grad():  # before the window: the stop-gradient
-                out = policy.step(policy.predict_noise(x, t, prompt_embeds), x, t, noise=z, eta=eta)
+                out = policy.step(policy.predict_noise(x, t, prompt_embeds, **conditioning), x, t, noise=z, eta=eta)
             x, pred_x0 = out.prev_sample.detach(), out.pred_x0.detach()
         else:
-            eps = predict_noise(policy, x, t, prompt_embeds, checkpointing=checkpointing)
+            eps = predict_noise(policy, x, t, prompt_embeds, checkpointing=checkpointing, conditioning=conditioning)
             out = policy.step(eps, x, t, noise=z, eta=eta)  # x_{i+1} = μ_θ(x_i) + σ_i z_i keeps the graph
             x, pred_x0 = out.prev_sample, out.pred_x0
     return WindowOutput(x, pred_x0, stop - grad_start)
@@ -155,8 +176,6 @@ class RewardBackprop(Algorithm):
 
     requires_differentiable_reward = True
     supports_grad_accumulation = False  # one step per batch already; algo.minibatch_size sets its micro-batches
-    # the window sampler passes the denoiser only prompt_embeds, not a flow model's pooled embeddings
-    needs_ddim = "a denoiser conditioned on prompt embeddings alone (a DDIM-style model)"
 
     def __init__(self, config: BackpropConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
@@ -172,6 +191,8 @@ class RewardBackprop(Algorithm):
         return self.reward(images, [self.prompts[i] for i in prompt_ids.tolist()]).float()
 
     def window(self, latents, prompt_embeds, *, grad_start: int, **kwargs) -> WindowOutput:
+        """``sample_with_grad_window`` with the algorithm's generator, η and checkpointing; pass a flow model's
+        pooled embeddings as ``conditioning`` (``extra_conditioning(policy, minibatch)``)."""
         return sample_with_grad_window(self.policy, latents, prompt_embeds, grad_start=grad_start,
                                        generator=self.generator, eta=self.config.eta,
                                        checkpointing=self.config.checkpointing, **kwargs)
@@ -182,9 +203,11 @@ class RewardBackprop(Algorithm):
 
     # ---------------------------------------------------------------- the shared interface
     def collect(self, env) -> TensorDictBase:
-        """The batch's starting states [B]: prompt ids, their embeddings and x_T (from ``env.reset``)."""
+        """The batch's starting states [B]: prompt ids, their embeddings (a flow model's pooled ones too) and x_T
+        (from ``env.reset``)."""
         self.prompts = env.prompts
-        return env.reset().select(keys.PROMPT_ID, keys.PROMPT_EMBEDS, keys.LATENTS)
+        return env.reset().select(keys.PROMPT_ID, keys.PROMPT_EMBEDS, keys.LATENTS,
+                                  *self.policy.extra_conditioning_keys)
 
     def optimisation_steps(self, batch: TensorDictBase) -> Iterator[OptimisationStep]:
         """The whole batch is one optimiser step; its minibatches, in order, are the micro-batches.

@@ -97,7 +97,8 @@ class Algorithm:
         if self.needs_ddim and getattr(policy, "kind", None) == "flow":
             raise ConfigError(f"algo={self.name} needs {self.needs_ddim}, which a flow-matching model (model=tiny_flow, "
                               "model=sd3) does not provide yet. Use a DDIM-style model such as model=tiny, or an "
-                              "algorithm that trains flow models: algo=grpo, algo=ddpo, algo=dpok or algo=nft.")
+                              "algorithm that trains flow models: algo=grpo, ddpo, dpok, nft, refl, draft, alignprop, "
+                              "diffusion_dpo, dmpo or sft.")
         self.policy = policy
         self.reward = reward
         self._conditioning: dict[str, torch.Tensor] = {}

@@ -26,6 +26,20 @@ Implementation details:
    pairs cost their reward queries (2 per pair, plus ties) once per run, also when read from
    the cache, so ``reward_queries`` compares fairly with the online methods.
 6. SFT (``algo=sft``): the plain denoising loss on the winners only (the paper's baseline).
+
+Flow-matching models (SD3, ``model=tiny_flow``): the flow form of the loss, Flow-DPO (Liu et al. 2025,
+"Improving Video Generation with Human Feedback", arXiv 2501.13918, Sec. 5). Winner and loser are noised
+with the same σ and ε along the rectified-flow path, and the velocity errors replace the ε errors:
+
+    x_σ = (1 − σ)·x₀ + σ·ε,   v = ε − x₀,   m = mean_CHW (v_θ(x_σ, 1000σ, c) − v)²,   σ ~ U(0, 1)
+    u = −½·β·[(m_w − m_l) − (m_ref,w − m_ref,l)],   L = −mean log σ(u)          (the same β convention)
+
+At a fixed x_σ the converted predictions satisfy ε̂ − ε = (1 − σ)(v̂ − v), so the ε form is this loss with
+β_σ = β·(1 − σ)². Flow-DPO derives that time-dependent β_σ and reports that it over-optimises at high noise
+(where (1 − σ)² makes the tie to the reference weak) and hacks the reward, so it uses a constant β, as here. σ is drawn
+uniformly, as Diffusion-DPO draws t uniformly (SD3's own pre-training draws it logit-normal). DMPO and SFT
+share this forward pass; DPO-C&M and SDPO refuse flow models (their importance weight is defined on the
+DDPM posterior, see ``sdpo.py``).
 """
 
 from __future__ import annotations
@@ -167,7 +181,6 @@ class DiffusionDPO(Algorithm):
     """Diffusion-DPO over pairs sampled from the shared replay buffer; subclasses change ``loss_terms``."""
 
     uses_reference = True
-    needs_ddim = "the DDPM forward process q(x_t | x₀) with its ᾱ_t schedule (a DDIM-style model)"
 
     def __init__(self, config: PreferenceConfig, policy, reward, *, seed: int = 0):
         super().__init__(policy, reward, config)
@@ -212,38 +225,58 @@ class DiffusionDPO(Algorithm):
             self._feedback_counted = True
             self._load_data(path)
         batch = self.buffer.sample()  # the global batch: the same on every process (same generator)
-        batch[keys.PROMPT_EMBEDS] = self.policy.encode_prompts(self.data.prompts_of(batch[keys.PROMPT_ID]))
+        prompts = self.data.prompts_of(batch[keys.PROMPT_ID])
+        batch[keys.PROMPT_EMBEDS] = self.policy.encode_prompts(prompts)
+        batch.update(self.policy.extra_conditioning(prompts))  # a flow model's pooled embeddings
         return batch
 
     # ------------------------------------------------------------------ the forward pass
     def pair_forward(self, pairs: TensorDictBase, *, winners_only: bool = False) -> PairForward:
         """Noise winner and loser to the same t with the same ε; denoising errors of policy (and reference).
 
+        DDIM-style models: t ~ U{0..T−1}, x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε and the scheduler's target (ε, v or x₀).
+        Flow models: σ ~ U(0, 1) at timestep 1000σ, x_σ = (1 − σ)x₀ + σε and the velocity v = ε − x₀.
         The draws are made for the global minibatch and sliced (``local_part``), so a process's pairs get
         the t and ε they would get in a one-process run.
         """
         policy, m = self.policy, pairs.shape[0] * self.world
         embeds = pairs[keys.PROMPT_EMBEDS]
+        conditioning = {key: pairs[key] for key in policy.extra_conditioning_keys}  # a flow model's pooled embeds
         if self.config.caption_dropout > 0:
             drop = self.local_part(torch.rand(m, generator=self.generator, device=embeds.device))
-            embeds = torch.where((drop < self.config.caption_dropout)[:, None, None],
-                                 policy.negative_embeds.to(embeds.dtype), embeds)
-        t = self.local_part(torch.randint(0, policy.alphas_cumprod.numel(), (m,), generator=self.generator,
-                                          device=embeds.device))
+            dropped = drop < self.config.caption_dropout
+            embeds = torch.where(dropped[:, None, None], policy.negative_embeds.to(embeds.dtype), embeds)
+            negative = policy.extra_conditioning([policy.config.negative_prompt])
+            conditioning = {key: torch.where(dropped.view(-1, *([1] * (value.dim() - 1))),
+                                             negative[key].to(value.dtype), value)
+                            for key, value in conditioning.items()}
+        flow = policy.kind == "flow"
+        if flow:  # σ ~ U(0, 1); the transformer's timestep is σ·T_train (1000σ)
+            t = self.local_part(torch.rand(m, generator=self.generator, device=embeds.device))
+            t = t * policy.scheduler.config.num_train_timesteps
+        else:
+            t = self.local_part(torch.randint(0, policy.alphas_cumprod.numel(), (m,), generator=self.generator,
+                                              device=embeds.device))
         noise = self.local_part(torch.randn((m, *pairs[keys.LATENTS_W].shape[1:]), generator=self.generator,
                                             device=embeds.device))
         copies = 1 if winners_only else 2
         x0 = pairs[keys.LATENTS_W] if winners_only else torch.cat([pairs[keys.LATENTS_W], pairs[keys.LATENTS_L]])
         t, noise, embeds = t.repeat(copies), noise.repeat(copies, 1, 1, 1), embeds.repeat(copies, 1, 1)  # (2M, …)
-        alpha = policy.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise  # q(x_t | x₀) — DDPM eq. 4
-        target = training_target(x0, noise, alpha.view(-1), policy.scheduler.config.prediction_type)
-        output = policy.predict_noise(noisy, t, embeds, guidance_scale=1.0)
+        conditioning = {key: value.repeat(copies, *([1] * (value.dim() - 1))) for key, value in conditioning.items()}
+        if flow:
+            sigma = (t / policy.scheduler.config.num_train_timesteps).view(-1, 1, 1, 1)
+            noisy = (1 - sigma) * x0 + sigma * noise  # the rectified-flow path (SD3)
+            target = noise - x0  # the velocity v = ε − x₀
+        else:
+            alpha = policy.alphas_cumprod[t].view(-1, 1, 1, 1)
+            noisy = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise  # q(x_t | x₀) — DDPM eq. 4
+            target = training_target(x0, noise, alpha.view(-1), policy.scheduler.config.prediction_type)
+        output = policy.predict_noise(noisy, t, embeds, guidance_scale=1.0, **conditioning)
         model_err = ((output - target) ** 2).mean(dim=(1, 2, 3))
         ref_err = None
         if self.uses_reference:
             with torch.no_grad():  # the frozen reference's conditional prediction
-                ref_out = policy.predict_noise(noisy, t, embeds, guidance_scale=1.0, use_reference=True)
+                ref_out = policy.predict_noise(noisy, t, embeds, guidance_scale=1.0, use_reference=True, **conditioning)
             ref_err = ((ref_out - target) ** 2).mean(dim=(1, 2, 3))
         return PairForward(model_err, ref_err, x0, noisy, output.detach(), t)
 

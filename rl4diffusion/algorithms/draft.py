@@ -9,6 +9,11 @@ Differentiable Rewards", arXiv 2309.17400). No official code; implemented from t
                last sampling timestep t_{N−1}, x̃ = √ᾱ·sg(x₀) + √(1−ᾱ)·ε, and denoise that one
                step with grad; the n reward gradients are averaged (``algo.lv=true``, ``algo.lv_n=2``).
 
+Flow-matching models (SD3, ``model=tiny_flow``): the chain is the flow's sampler (``backprop.py``: Euler
+steps x_next = x + (σ_next − σ)·v̂_θ at ``algo.eta=0``, Flow-GRPO's SDE step at the model's noise level
+otherwise) and DRaFT-LV re-noises by the rectified-flow forward process x̃ = (1 − σ)·sg(x₀) + σ·ε at the
+last step's σ.
+
 Implementation details:
 1. Loss = −scale · mean(r): the mean over the minibatch (and over the n re-noisings for LV).
    The paper sums the n LV gradients; averaging only rescales it (and Adam ignores the scale).
@@ -25,7 +30,7 @@ import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop, chain_noise
+from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop, chain_noise, extra_conditioning
 from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.errors import ConfigError
 
@@ -92,28 +97,38 @@ class DRaFT(RewardBackprop):
         super().__init__(config, policy, reward, seed=seed)
         self.grad_start = draft_grad_start(self.num_steps, config.k)  # fails at start-up if k > N
 
-    def lv_rewards(self, x0, prompt_embeds, prompt_ids, renoise: torch.Tensor, step_noise: torch.Tensor) -> torch.Tensor:
+    def lv_rewards(self, x0, prompt_embeds, prompt_ids, renoise: torch.Tensor, step_noise: torch.Tensor,
+                   conditioning: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Rewards [n·M] of the n one-step denoisings of re-noised x₀ (ε = ``renoise`` [n, M, C, h, w],
-        the last step's z = ``step_noise`` [n, M, C, h, w]); the graph runs through that one step."""
+        the last step's z = ``step_noise`` [n, M, C, h, w]); the graph runs through that one step.
+        ``conditioning``: the denoiser's inputs beyond prompt_embeds, [M, ...] each (a flow model's pooled ones)."""
+        conditioning = conditioning or {}
         n, m = renoise.shape[:2]
         last = self.num_steps - 1
-        alpha_bar = self.policy.alphas_cumprod[self.policy.timesteps[last]]
-        noisy = lv_renoise(x0, alpha_bar, renoise).flatten(0, 1)  # (n·M, C, h, w), re-noising j at rows j·M …
+        t = self.policy.timesteps[last]
+        if self.policy.kind == "flow":  # the rectified-flow forward process at the last step's σ
+            sigma = self.policy.sigmas_of(t.reshape(1))[0]
+            noisy = (1 - sigma) * x0.detach() + sigma * renoise
+        else:
+            noisy = lv_renoise(x0, self.policy.alphas_cumprod[t], renoise)
+        noisy = noisy.flatten(0, 1)  # (n·M, C, h, w), re-noising j at rows j·M …
+        conditioning = {key: value.repeat(n, *([1] * (value.dim() - 1))) for key, value in conditioning.items()}
         out = self.window(noisy, prompt_embeds.repeat(n, 1, 1), grad_start=last, start=last,
-                          noise=step_noise.flatten(0, 1)[None])  # one step: noise [1, n·M, C, h, w]
+                          noise=step_noise.flatten(0, 1)[None], conditioning=conditioning)  # noise [1, n·M, …]
         return self.score(out.latents, prompt_ids.repeat(n))
 
     def loss(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
         cfg = self.config
         x_T, embeds, ids = minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], minibatch[keys.PROMPT_ID]
+        conditioning = extra_conditioning(self.policy, minibatch)
         if cfg.lv:
-            x0 = self.window(x_T, embeds, grad_start=self.num_steps).latents  # the whole chain without grad
+            x0 = self.window(x_T, embeds, grad_start=self.num_steps, conditioning=conditioning).latents  # no grad
             renoise = chain_noise(self.policy, cfg.lv_n, x0.shape, self.generator)
             step_noise = chain_noise(self.policy, cfg.lv_n, x0.shape, self.generator)
-            rewards = self.lv_rewards(x0, embeds, ids, renoise, step_noise)
+            rewards = self.lv_rewards(x0, embeds, ids, renoise, step_noise, conditioning)
             grad_steps = 1
         else:
-            out = self.window(x_T, embeds, grad_start=self.grad_start)
+            out = self.window(x_T, embeds, grad_start=self.grad_start, conditioning=conditioning)
             rewards = self.score(out.latents, ids)
             grad_steps = out.grad_steps
         return {**draft_loss(rewards, scale=cfg.loss_scale), "rewards": rewards,

@@ -292,7 +292,9 @@ class NablaGFN(Algorithm):
         super().__init__(policy, reward)
         if getattr(policy, "kind", "ddim") != "ddim":
             raise ConfigError("algo=nabla_gfn needs a DDIM-style (ε/v-prediction) model; flow-matching models are "
-                              "not supported yet. Use model=tiny or a Stable-Diffusion-style pipeline.")
+                              "not supported yet: the residual ∇-DB carries over to their Gaussian SDE step, but the "
+                              "prior's ᾱ_t schedule and its x̂₀ are written for DDIM (README, \"∇-GFlowNet on flow "
+                              "models\"). Use model=tiny or a Stable-Diffusion-style pipeline.")
         alpha_t, alpha_prev = policy.alphas(policy.timesteps)
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         if policy.config.eta <= 0 or not bool((variance > 0).all()):

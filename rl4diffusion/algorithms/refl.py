@@ -8,14 +8,16 @@ Implementation details:
 1. s ~ U{⌊lo·N⌋, …, ⌈hi·N⌉ − 1} (``start_range`` = [lo, hi] as fractions of the N steps): the
    paper's steps 30–39 of 40 are [0.75, 1.0]. One s per minibatch, as upstream draws one per batch.
 2. Steps 0 … s−1 run under no_grad (``sample_with_grad_window``); step s runs with grad and its
-   x̂₀ = (x_s − √(1−ᾱ_s) ε̂_θ)/√ᾱ_s is decoded and scored.
+   x̂₀ = (x_s − √(1−ᾱ_s) ε̂_θ)/√ᾱ_s is decoded and scored. On a flow-matching model (SD3, ``model=tiny_flow``)
+   the one-step prediction is rectified flow's x̂₀ = x_σ − σ·v̂_θ.
 3. Loss = scale · mean(ReLU(target − r)) (the paper's λ = 1e-3, target 2 for the standardised
    ImageReward score). The ReLU stops pushing images whose reward already exceeds the target.
 4. Optional pre-training regulariser (``reg_weight`` > 0): the denoising loss
    mean‖ε̂_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, c) − ε‖² on real data — in the embedded world, shapes images
    from ``rl4diffusion.zoo.shapes.sample_shapes`` (training captions only, so the held-out pairs stay
    unseen) encoded with ``policy.encode_images``, t ~ U{0…T−1},
-   conditional prediction (no CFG). It is added to the ReFL loss and both take one optimiser step
+   conditional prediction (no CFG); a flow model's is mean‖v̂_θ((1−σ)x₀ + σε, σ, c) − (ε − x₀)‖², σ ~ U(0, 1).
+   It is added to the ReFL loss and both take one optimiser step
    (upstream's paper alternates the two losses; the released script omits the regulariser).
 5. ⚠ upstream conditions the grad step's UNet on the *index* s (``mid_timestep``) instead of the
    timestep t_s and steps the scheduler with the previous step's t; we use t_s throughout, as the
@@ -30,7 +32,7 @@ import torch
 from tensordict import TensorDictBase
 
 from rl4diffusion import keys
-from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop
+from rl4diffusion.algorithms.backprop import BackpropConfig, RewardBackprop, extra_conditioning
 from rl4diffusion.algorithms.base import register_algorithm
 from rl4diffusion.errors import ConfigError
 
@@ -114,7 +116,9 @@ class ReFL(RewardBackprop):
         self.reg_generator = torch.Generator().manual_seed(seed + 2)  # the regulariser's data and noise (CPU)
 
     def pretrain_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prediction, target) of the denoising loss on a batch of shapes images (t ~ U{0…T−1})."""
+        """(prediction, target) of the denoising loss on a batch of shapes images: ε-prediction at t ~ U{0…T−1}, or a
+        flow model's velocity at σ ~ U(0, 1) against v = ε − x₀ (its pre-training loss, with uniform rather than SD3's
+        logit-normal σ)."""
         from rl4diffusion.zoo.shapes import TRAIN_PROMPTS, sample_shapes
 
         policy, n, g = self.policy, self.config.reg_batch_size, self.reg_generator
@@ -124,6 +128,15 @@ class ReFL(RewardBackprop):
         with torch.no_grad():
             x0 = policy.encode_images(images.to(policy.device))
         embeds = policy.encode_prompts(list(captions))
+        if policy.kind == "flow":  # rectified flow: x_σ = (1 − σ)x₀ + σε, target v = ε − x₀, σ ~ U(0, 1)
+            sigma = torch.rand(n, generator=g).to(policy.device)
+            eps = torch.randn(x0.shape, generator=g).to(policy.device)
+            s = sigma.view(-1, 1, 1, 1)
+            pooled = policy.encode_pooled_prompts(list(captions))
+            timesteps = sigma * policy.scheduler.config.num_train_timesteps  # t = 1000σ
+            prediction = policy.predict_noise((1 - s) * x0 + s * eps, timesteps, embeds, pooled_prompt_embeds=pooled,
+                                              guidance_scale=1.0)
+            return prediction, eps - x0
         t = torch.randint(0, len(policy.alphas_cumprod), (n,), generator=g).to(policy.device)
         eps = torch.randn(x0.shape, generator=g).to(policy.device)
         a = policy.alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -135,7 +148,8 @@ class ReFL(RewardBackprop):
     def loss(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
         cfg = self.config
         s = refl_start_index(self.num_steps, cfg.start_range, self.generator)
-        out = self.window(minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], grad_start=s, stop=s + 1)
+        out = self.window(minibatch[keys.LATENTS], minibatch[keys.PROMPT_EMBEDS], grad_start=s, stop=s + 1,
+                          conditioning=extra_conditioning(self.policy, minibatch))
         rewards = self.score(out.pred_x0, minibatch[keys.PROMPT_ID])  # r(decode(x̂₀(x_s)))
         prediction, target = self.pretrain_batch() if cfg.reg_weight > 0 else (None, None)
         terms = refl_loss(rewards, target=cfg.reward_target, scale=cfg.loss_scale,

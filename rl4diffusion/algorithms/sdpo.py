@@ -203,6 +203,13 @@ class DPOCM(DiffusionDPO):
     """DPO-C&M (experimental): Diffusion-DPO with clipped, masked importance weights on the loss."""
 
     _loss_fn = staticmethod(dpo_cm_loss)
+    # Diffusion-DPO's flow form carries over (diffusion_dpo.py), the importance weight does not: w_t is defined with
+    # the DDPM posterior q(x_{t−1} | x_t, x₀) and the DDPM reverse step at that variance, and a flow model samples with
+    # another kernel (Flow-GRPO's SDE step, whose variance s_t²·|Δt| is not the posterior's), so w_t has no definition
+    # there that the paper gives
+    needs_ddim = ("the importance weight p_θ(x_{t−1} | x_t) / q(x_{t−1} | x_t, x₀) on the DDPM posterior with its ᾱ_t "
+                  "schedule (the flow form of Diffusion-DPO carries over, this weight does not: use algo=diffusion_dpo "
+                  "or algo=dmpo on flow models)")
 
     def loss_terms(self, pairs: TensorDictBase) -> dict[str, torch.Tensor]:
         policy, cfg = self.policy, self.config

@@ -430,6 +430,8 @@ def ensure_generated_pairs(
     }
     if min_margin:  # (absent when 0, so files generated before the option keep their key)
         fingerprint["min_margin"] = float(min_margin)
+    if getattr(policy, "kind", None) == "flow":  # a flow model's sampler noise (absent for DDIM: keys unchanged)
+        fingerprint["noise_level"] = float(cfg.noise_level)
     key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = root / "generated_pairs" / f"pairs-{key}.parquet"

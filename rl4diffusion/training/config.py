@@ -84,7 +84,8 @@ class EvalConfig:
     num_steps: int | None = None
     """Denoising steps of evaluation samples (None = model.num_steps, training's)."""
     guidance_scale: float | None = None
-    """Guidance weight of evaluation samples (None = model.guidance_scale, training's)."""
+    """Guidance weight of evaluation samples (None = training's: model.guidance_scale, or the algorithm's own
+    sampling guidance where it has one, e.g. NFT's algo.sampling_guidance)."""
 
     def validate(self) -> None:
         at_least(("eval.every", self.every, 0, "epochs between evaluations (0 = base and final only)"),

@@ -344,8 +344,12 @@ class Trainer:
             return self._evaluate_sets(step)
 
     def eval_sampling(self) -> dict:
-        """Evaluation's sampler settings, for ``policy.sampling_settings`` (None: training's)."""
-        return {"num_steps": self.cfg.eval.num_steps, "guidance_scale": self.cfg.eval.guidance_scale}
+        """Evaluation's sampler settings, for ``policy.sampling_settings`` (None: training's). An algorithm that
+        samples at a guidance of its own (``sampling_guidance``: NFT's CFG-free sampling) is evaluated at it."""
+        guidance = self.cfg.eval.guidance_scale
+        if guidance is None:
+            guidance = getattr(self.algorithm, "sampling_guidance", None)
+        return {"num_steps": self.cfg.eval.num_steps, "guidance_scale": guidance}
 
     def _evaluate_sets(self, step: int) -> dict:
         """Fixed-seed samples of every evaluation prompt set: reward (and diversity, FID, win rate)."""
