@@ -212,9 +212,7 @@ class GRPO(Algorithm):
         rank, world = self._layout()
         if self.sampler is None:
             self.sampler = GroupedPromptSampler(len(env.prompts), self.config.group_size, seed=self.seed,
-                                                rank=rank, world_size=world)
-            if self._sampler_state is not None:
-                self.sampler.load_state_dict(self._sampler_state)
+                                                rank=rank, world_size=world, state=self._sampler_state)
         self.remember_prompts(env.prompts)
         prompt_ids, group_ids = self.sampler.sample(env.batch_size[0])
         latents = None

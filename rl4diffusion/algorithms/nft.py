@@ -295,9 +295,7 @@ class NFT(Algorithm):
         rank, world = (self.distributed.rank, self.distributed.world) if self.distributed is not None else (0, 1)
         if self.sampler is None:
             self.sampler = GroupedPromptSampler(len(env.prompts), self.config.group_size, seed=self.seed,
-                                                rank=rank, world_size=world)
-            if self._sampler_state is not None:
-                self.sampler.load_state_dict(self._sampler_state)
+                                                rank=rank, world_size=world, state=self._sampler_state)
         self.remember_prompts(env.prompts)
         prompt_ids, group_ids = self.sampler.sample(env.batch_size[0])
         with self.old_policy(), self.policy.sampling_settings(guidance_scale=self.sampling_guidance):

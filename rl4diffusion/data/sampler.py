@@ -28,9 +28,11 @@ class GroupedPromptSampler:
         group_size: K, samples per prompt within a batch (≥ 1; GRPO needs ≥ 2).
         seed: the shared seed (the same on every process).
         rank, world_size: this process's position; each keeps rows [rank·B, (rank+1)·B) of the global batch.
+        state: a ``state_dict()`` to continue from (a resumed run's), or None.
     """
 
-    def __init__(self, num_prompts: int, group_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_prompts: int, group_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 state: dict | None = None):
         if num_prompts < 1 or group_size < 1:
             raise ValueError(f"need num_prompts ≥ 1 and group_size ≥ 1, got {num_prompts} and {group_size}")
         if not 0 <= rank < world_size:
@@ -41,6 +43,8 @@ class GroupedPromptSampler:
         self.world_size = world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
+        if state is not None:
+            self.load_state_dict(state)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's (prompt ids [B], group ids [B]) of the next global batch of ``batch_size · world_size``.
