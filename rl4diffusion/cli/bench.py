@@ -139,18 +139,17 @@ def parse_seeds(value) -> list[int]:
 
 def train_one(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting: list[str] = (),
               tuning: bool = False) -> str:
-    """Train (or resume, or skip) one run: "finished", "failed" (recorded in the run's run_state.json, and
-    not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller stops)."""
+    """Train (or resume, or skip) one run: "finished", "failed" (training aborted on non-finite values: recorded
+    in the run's failed.txt, and not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller
+    stops). Any other error is raised: it is not a result of the setting."""
     from hydra import compose, initialize_config_dir
 
     from rl4diffusion.cli.overrides import rewrite_overrides
-    from rl4diffusion.training import rundir
     from rl4diffusion.training.trainer import TrainingAborted, run
 
     if (run_dir / "summary.json").exists():
         return "finished"
-    state = rundir.read_run_state(run_dir) or {}
-    if state.get("state") == "failed" and state.get("exit_code") == rundir.EXIT_FAILED:
+    if (run_dir / "failed.txt").exists():  # diverged before: a result, not retried (another error is raised)
         return "failed"
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         train_cfg = compose("train", overrides=rewrite_overrides(
