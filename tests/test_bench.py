@@ -256,3 +256,14 @@ def test_a_suite_variant_is_an_algorithm_with_options_under_its_own_name(tmp_pat
     assert overrides[0] == "algo=grpo" and "algo.window_size=2" in overrides and "eval.seed=30003" in overrides
     with pytest.raises(ConfigError, match="broken .a variant of no_such_algo."):
         checked_algos(_bench_cfg("suite=flow", "+suite.variants.broken={algo: no_such_algo, overrides: []}"))
+
+
+def test_a_failed_run_is_listed_in_the_report_as_a_failure(tmp_path):
+    from rl4diffusion.cli.bench import merge_evals
+
+    run_dir = tmp_path / "runs" / "ddpo_s3"
+    run_dir.mkdir(parents=True)
+    (run_dir / "failed.txt").write_text("3 updates were skipped for non-finite losses\n")
+    merge_evals(tmp_path, "shapes_smoke")
+    text = write_report(tmp_path, suite_name="shapes_smoke").read_text()
+    assert "## Failed runs" in text and "| ddpo | 3 | 3 updates were skipped for non-finite losses |" in text

@@ -105,6 +105,14 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
                              **({"baseline": True} if baseline else {})})
     path = out_dir / "evals.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    failed = []
+    for run_dir in sorted((out_dir / "runs").glob("*_s*")):
+        if (run_dir / "failed.txt").exists():
+            algo, _, seed = run_dir.name.rpartition("_s")
+            error = (run_dir / "failed.txt").read_text().strip().replace("|", "/")
+            failed.append({"suite": suite_name, "algo": algo, "seed": int(seed), "error": error})
+    if failed:  # beside evals.jsonl, for the report's list of failed runs
+        (out_dir / "failed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failed))
     return path
 
 

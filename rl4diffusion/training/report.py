@@ -1241,6 +1241,12 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_un
         text.append(f"No-training baselines (one evaluation each; reference rows, not training methods): "
                     f"{', '.join(baselines)}.")
     text += ["", table(rows) if rows else "(no finished runs yet)", ""]
+    failed = out_dir / "failed.jsonl"  # written by the bench: runs that aborted on non-finite values
+    if failed.is_file() and failed.read_text().strip():
+        text += ["## Failed runs", "", "These runs stopped on non-finite rewards, losses or weights; they are left "
+                 "out of every statistic below, and each counts as a failure of its method.", "",
+                 "| algorithm | seed | error |", "|---|---|---|",
+                 *[f"| {r['algo']} | {r['seed']} | {r['error']} |" for r in load_evals(failed)], ""]
     if rows:
         stats_by_set, claims_by_set = {}, {}
         for prompt_set in prompt_sets:
