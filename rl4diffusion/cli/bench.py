@@ -145,23 +145,29 @@ def parse_seeds(value) -> list[int]:
                       "a list of distinct seeds ≥ 0 (seeds=[0,4]).")
 
 
+def train_config(overrides: list[str]) -> DictConfig:
+    """``rl4diffusion.train``'s config for these command-line overrides, composed as the CLI composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from rl4diffusion.cli.overrides import rewrite_overrides
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=rewrite_overrides(overrides))
+
+
 def train_one(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting: list[str] = (),
               tuning: bool = False) -> str:
     """Train (or resume, or skip) one run: "finished", "failed" (training aborted on non-finite values: recorded
     in the run's failed.txt, and not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller
     stops). Any other error is raised: it is not a result of the setting."""
-    from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.cli.overrides import rewrite_overrides
     from rl4diffusion.training.trainer import TrainingAborted, run
 
     if (run_dir / "summary.json").exists():
         return "finished"
     if (run_dir / "failed.txt").exists():  # diverged before: a result, not retried (another error is raised)
         return "failed"
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        train_cfg = compose("train", overrides=rewrite_overrides(
-            run_overrides(suite, algo, seed, run_dir, setting=setting, tuning=tuning)))
+    train_cfg = train_config(run_overrides(suite, algo, seed, run_dir, setting=setting, tuning=tuning))
     try:
         return "finished" if run(train_cfg, run_dir) else "interrupted"
     except TrainingAborted as e:  # diverged: a result of this setting, recorded as such
@@ -363,9 +369,7 @@ BASELINE_ALGO = "ddpo"
 def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, setting: list[str], best_of: int,
                  tuning: bool = False) -> None:
     """Evaluate one no-training baseline into ``run_dir`` (skipped when it is already there)."""
-    from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.cli.overrides import rewrite_overrides
     from rl4diffusion.training.baselines import run_baseline
 
     if (run_dir / "summary.json").exists():
@@ -373,9 +377,7 @@ def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, sett
     log.info("baseline %s seed %d", name, seed)
     overrides = run_overrides(suite, BASELINE_ALGO, seed, run_dir, setting=setting, tuning=tuning)
     overrides = [o for o in overrides if not o.startswith("resume=")]  # nothing to resume: evaluated again
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        train_cfg = compose("train", overrides=rewrite_overrides(overrides))
-    run_baseline(train_cfg, run_dir, best_of=best_of)
+    run_baseline(train_config(overrides), run_dir, best_of=best_of)
 
 
 def run_baselines(cfg: DictConfig) -> Path:

@@ -48,6 +48,7 @@ def best_of_n(policy, reward, prompts: list[str], *, samples_per_prompt: int, se
 
 def run_baseline(cfg: DictConfig, run_dir: str | Path, *, best_of: int = 1) -> dict:
     """Evaluate the untrained model of ``cfg`` (best-of-``best_of`` when > 1) into ``run_dir``; the summary."""
+    from rl4diffusion.training.evaluation import image_stats
     from rl4diffusion.training.trainer import Trainer
 
     if best_of < 1:
@@ -68,9 +69,7 @@ def run_baseline(cfg: DictConfig, run_dir: str | Path, *, best_of: int = 1) -> d
                 records.append((1, best_of * len(flat), chosen, chosen_rewards))
                 queries = max(queries, best_of * len(flat))
             for step, step_queries, images, rewards in records:  # the base's first: it is the metrics' reference
-                stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False))}
-                if trainer.eval_metrics is not None:
-                    stats.update(trainer.eval_metrics(name, images, groups, rewards, prompts=flat))
+                stats = image_stats(images, rewards, groups, flat, metrics=trainer.eval_metrics, name=name)
                 per_sample = {key: stats.pop(key) for key in list(stats) if key.startswith("sample_")}
                 trainer.logger.log({"step": step, "phase": "eval", "prompt_set": name, **stats,
                                     "reward_queries": step_queries, "best_of": best_of, "wall_s": 0.0,

@@ -39,10 +39,15 @@ def evaluate(policy, reward, prompts: list[str], *, samples_per_prompt: int, see
     images, flat, groups = sample_fixed(policy, prompts, samples_per_prompt=samples_per_prompt, seed=seed,
                                         use_reference=use_reference)
     rewards = reward(images, flat).float()
+    return image_stats(images, rewards, groups, flat, metrics=metrics, name=name), rewards, images
+
+
+def image_stats(images, rewards, groups, prompts: list[str], *, metrics=None, name: str = "eval") -> dict:
+    """Reward mean and std of evaluation images (and the EvalMetrics ``metrics``' statistics, when given)."""
     stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False))}
     if metrics is not None:
-        stats.update(metrics(name, images, groups, rewards, prompts=flat))
-    return stats, rewards, images
+        stats.update(metrics(name, images, groups, rewards, prompts=prompts))
+    return stats
 
 
 class EvalMetrics:
