@@ -98,7 +98,7 @@ CHECKED = {  # command → why it is not run: its suite is composed and every ru
     "python -m rl4diffusion.bench suite=shapes_4k stage=tune": "15 methods × 6 trials: days of CPU",
     "python -m rl4diffusion.bench suite=shapes_4k": "15 methods × 5 seeds × 4,096 queries: days of CPU",
     "python -m rl4diffusion.bench suite=shapes_4k stage=baselines": "4 guidance scales, then 2 baselines × 5 seeds",
-    "python -m rl4diffusion.bench suite=shapes_4k_bounded": "15 methods × 3 seeds × 4,096 queries: days of CPU",
+    "python -m rl4diffusion.bench suite=shapes_4k_bounded": "8 methods × 3 seeds × 4,096 queries: days of CPU",
     "python -m rl4diffusion.bench suite=flow stage=tune": "8 methods × 6 trials on the flow model: a day of CPU",
     "python -m rl4diffusion.bench suite=flow": "8 methods × 5 seeds × 4,096 queries on the flow model: days of CPU",
 }
