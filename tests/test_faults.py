@@ -267,6 +267,24 @@ def test_disk_errors_are_named_and_the_error_log_never_raises(tmp_path):
     assert torn.read_text() == '{"step": 1}\n'
 
 
+def test_shared_bench_files_are_replaced_whole_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """evals.jsonl, report.md and the tuning tables are rewritten by every lane of a suite: a reader sees the
+    old file or the new one, and a write that fails leaves the old one and no temporary behind."""
+    report = tmp_path / "report.md"
+    rundir.write_text_atomically(report, "old\n")
+    assert rundir.write_text_atomically(report, "new\n") == report and report.read_text() == "new\n"
+
+    def full_disk(self, text):
+        self.open("w").write(text[:2])  # half the text, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        rundir.write_text_atomically(report, "newer\n")
+    monkeypatch.undo()
+    assert report.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
 def test_the_default_run_directory_is_locked_before_hydra_and_never_shared(tmp_path, monkeypatch):
     """Hydra's dated directory is worked out before Hydra writes into it; one that another process holds, or
     that holds a run (two runs started in the same second), is passed over for ``<dir>_1``, ``<dir>_2``."""

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rl4diffusion.cli.overrides import CONF_DIR
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.rundir import write_text_atomically
 
 log = logging.getLogger("rl4diffusion.bench")
 
@@ -104,7 +105,7 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
                 rows.append({"suite": suite_name, "algo": algo, "seed": int(seed), **record, "win_n": win_n,
                              **({"baseline": True} if baseline else {})})
     path = out_dir / "evals.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     failed = []
     for run_dir in sorted((out_dir / "runs").glob("*_s*")):
         if (run_dir / "failed.txt").exists():
@@ -112,7 +113,7 @@ def merge_evals(out_dir: Path, suite_name: str) -> Path:
             error = (run_dir / "failed.txt").read_text().strip().replace("|", "/")
             failed.append({"suite": suite_name, "algo": algo, "seed": int(seed), "error": error})
     if failed:  # beside evals.jsonl, for the report's list of failed runs
-        (out_dir / "failed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in failed))
+        write_text_atomically(out_dir / "failed.jsonl", "".join(json.dumps(r) + "\n" for r in failed))
     return path
 
 
@@ -308,7 +309,7 @@ def write_tuning(suite: DictConfig, out: Path) -> list[dict]:
     t = suite.tuning
     algos = list(suite.algos)
     records = tuning_records(suite, out, algos)
-    (out / "trials.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomically(out / "trials.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     chosen = {}
     lines = [f"# Tuning: suite {suite.name}", "",
              f"Rule: {t.rule}", "",
@@ -324,8 +325,8 @@ def write_tuning(suite: DictConfig, out: Path) -> list[dict]:
             score = f"{r['score']:.4f}" if r["score"] is not None else "—"
             mark = "yes" if best is r else ""
             lines.append(f"| {algo} | {r['trial']} | `{' '.join(r['setting'])}` | {r['status']} | {score} | {mark} |")
-    (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    (out / "chosen.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(chosen)) if chosen else "{}\n")
+    write_text_atomically(out / "tuning.md", "\n".join(lines) + "\n")
+    write_text_atomically(out / "chosen.yaml", OmegaConf.to_yaml(OmegaConf.create(chosen)) if chosen else "{}\n")
     return records
 
 
@@ -408,7 +409,7 @@ def run_baselines(cfg: DictConfig) -> Path:
              *[f"| {g} | {scores[g]:.4f} | {'yes' if g == best else ''} |" for g in spec.guidance], "",
              f"Best-of-{spec.best_of}: each evaluation image is the best of {spec.best_of} candidates under the "
              "training reward, at the model's guidance.", ""]
-    (tune_out / "baselines.md").write_text("\n".join(lines))
+    write_text_atomically(tune_out / "baselines.md", "\n".join(lines))
     out_dir = Path(cfg.out_dir or Path("benchmarks") / "results" / suite.name).expanduser()
     for seed in suite_seeds(cfg):
         baseline_run(suite, f"base_g{best}", seed, out_dir / "runs" / f"base_g{best}_s{seed}",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.rundir import write_text_atomically
 
 COLUMNS = [  # (record key, column title, higher is better?)
     ("reward_mean", "reward", True),
@@ -1047,7 +1049,9 @@ def draw_plots(series: dict[str, list[list[dict]]], out_dir: Path, prompt_set: s
             if title:
                 ax.set_title(title, fontsize=9)
             _legend(ax)
-        fig.savefig(out_dir / name, bbox_inches="tight")
+        tmp = out_dir / f".{Path(name).stem}.{os.getpid()}.tmp.png"  # see write_text_atomically
+        fig.savefig(tmp, bbox_inches="tight")
+        os.replace(tmp, out_dir / name)
         plt.close(fig)
         made.append(name)
     return made
@@ -1188,7 +1192,7 @@ def write_claims(out_dir: Path, name: str, claims_by_set: dict[str, list[Claim]]
                          f"{s.flips.net_per_seed.seeds} |",
                          f"| {prompt_set} | {_label(s)} | net flips fraction | {s.flips.net_fraction.text()} | "
                          f"{s.flips.net_fraction.seeds} |"]
-    (out_dir / "claims.md").write_text("\n".join(text) + "\n")
+    write_text_atomically(out_dir / "claims.md", "\n".join(text) + "\n")
 
     def stat_dict(s: AlgorithmStats) -> dict:
         out = {k: e.as_dict() for k, e in s.estimates.items() if e is not None}
@@ -1205,7 +1209,7 @@ def write_claims(out_dir: Path, name: str, claims_by_set: dict[str, list[Claim]]
             "definitions": STATISTICS,
             "claims": [c.as_dict() for claims in claims_by_set.values() for c in claims],
             "statistics": {p: {a: stat_dict(s) for a, s in stats.items()} for p, stats in stats_by_set.items()}}
-    (out_dir / "claims.json").write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    write_text_atomically(out_dir / "claims.json", json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_unequal_seeds: bool = False) -> Path:
@@ -1291,5 +1295,5 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_un
              "baselines without training are not drawn.", ""] if images else []
     text += [f"![{img}]({img})" for img in images]
     report = out_dir / "report.md"
-    report.write_text("\n".join(text) + "\n")
+    write_text_atomically(report, "\n".join(text) + "\n")
     return report

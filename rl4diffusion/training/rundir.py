@@ -241,6 +241,19 @@ def strict_json(value):
     return value
 
 
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write ``path`` through a temporary file of this process and a rename: a reader, or another bench
+    process writing the same report (two lanes of one suite), sees the old file or the new, never half."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json_atomically(path: Path, payload: dict, *, indent: int | None = 2) -> None:
     """Write ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
