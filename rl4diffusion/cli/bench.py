@@ -161,7 +161,6 @@ def train_one(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting
     """Train (or resume, or skip) one run: "finished", "failed" (training aborted on non-finite values: recorded
     in the run's failed.txt, and not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller
     stops). Any other error is raised: it is not a result of the setting."""
-
     from rl4diffusion.training.trainer import TrainingAborted, run
 
     if (run_dir / "summary.json").exists():
@@ -370,7 +369,6 @@ BASELINE_ALGO = "ddpo"
 def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, setting: list[str], best_of: int,
                  tuning: bool = False) -> None:
     """Evaluate one no-training baseline into ``run_dir`` (skipped when it is already there)."""
-
     from rl4diffusion.training.baselines import run_baseline
 
     if (run_dir / "summary.json").exists():

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.training.rundir import write_text_atomically
+from rl4diffusion.training.rundir import replace_atomically, write_text_atomically
 
 COLUMNS = [  # (record key, column title, higher is better?)
     ("reward_mean", "reward", True),
@@ -1049,9 +1049,7 @@ def draw_plots(series: dict[str, list[list[dict]]], out_dir: Path, prompt_set: s
             if title:
                 ax.set_title(title, fontsize=9)
             _legend(ax)
-        tmp = out_dir / f".{Path(name).stem}.{os.getpid()}.tmp.png"  # see write_text_atomically
-        fig.savefig(tmp, bbox_inches="tight")
-        os.replace(tmp, out_dir / name)
+        replace_atomically(out_dir / name, partial(fig.savefig, bbox_inches="tight"))
         plt.close(fig)
         made.append(name)
     return made

@@ -241,31 +241,35 @@ def strict_json(value):
     return value
 
 
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write ``path`` through a temporary file of this process and a rename: a reader, or another bench
-    process writing the same report (two lanes of one suite), sees the old file or the new, never half."""
+def replace_atomically(path: Path, write) -> Path:
+    """Make ``path`` by ``write(tmp)`` into a temporary file of this process, then a rename: a reader, or
+    another process writing the same file (two bench lanes of one suite), sees the old file or the new, never
+    half; a write that fails leaves the old file and no temporary."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # a full disk, a kill signal's KeyboardInterrupt: no half-written temporary is left
         tmp.unlink(missing_ok=True)
         raise
     return path
 
 
+def write_text_atomically(path: Path, text: str) -> Path:
+    """``path.write_text(text)`` through ``replace_atomically``."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def write_json_atomically(path: Path, payload: dict, *, indent: int | None = 2) -> None:
-    """Write ``path`` through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write ``path`` (flushed to disk) through ``replace_atomically``, so a crash never leaves half a file."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             f.write(json.dumps(strict_json(payload), indent=indent, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a kill signal's KeyboardInterrupt: no half-written temporary is left
-        tmp.unlink(missing_ok=True)
-        raise
+
+    replace_atomically(path, write)
 
 
 def _now() -> str:
