@@ -1,6 +1,7 @@
 """The benchmark harness end to end on a two-algorithm, one-seed, tiny-budget suite; resumable."""
 
 import json
+import shutil
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -267,3 +268,19 @@ def test_a_failed_run_is_listed_in_the_report_as_a_failure(tmp_path):
     merge_evals(tmp_path, "shapes_smoke")
     text = write_report(tmp_path, suite_name="shapes_smoke").read_text()
     assert "## Failed runs" in text and "| ddpo | 3 | 3 updates were skipped for non-finite losses |" in text
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_and_the_suite_goes_on(tmp_path):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("bench", overrides=["suite=shapes_smoke", "seeds=1", "algos=[refl]", f"out_dir={tmp_path}"])
+    run_suite(cfg)
+    run_dir = tmp_path / "runs" / "refl_s0"
+    # what a SIGKILL during the first epoch leaves: the config, a partial metrics file, no checkpoint
+    (run_dir / "summary.json").unlink()
+    shutil.rmtree(run_dir / "checkpoints")
+    partial = (run_dir / "metrics.jsonl").read_text().splitlines()[0]
+    (run_dir / "metrics.jsonl").write_text(partial + "\n")
+    run_suite(cfg)
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    aside = next(run_dir.glob("before_restart_*"))  # nothing written is lost
+    assert (aside / "metrics.jsonl").read_text() == partial + "\n"

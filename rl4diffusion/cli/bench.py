@@ -12,8 +12,9 @@ seeds (``seeds=[0,4]``); by default the suite's ``seeds``, else 3.
 Each (algorithm, seed) trains through ``rl4diffusion.training.trainer.run`` with the suite's model, reward,
 prompts, evaluation protocol and budget (reward queries, training CPU-seconds and/or wall-clock
 seconds — the suite says which bind; all three are recorded). Runs live in ``<out_dir>/runs/<algo>_s<seed>``: a finished run
-(summary.json present) is skipped, an interrupted one resumes from its checkpoint, so a suite can
-be completed over several sittings. After every run the evaluation records of all runs are merged
+(summary.json present) is skipped, an interrupted one resumes from its checkpoint (one killed before its first
+checkpoint starts over, its files moved to ``before_restart_<time>/``), so a suite can be completed over
+several sittings. After every run the evaluation records of all runs are merged
 into ``<out_dir>/evals.jsonl`` and the report (``report.md`` + PNG plots) is regenerated; while a suite is
 under way (or when a run failed) its algorithms have different seeds, which the report's header lists.
 
@@ -78,8 +79,8 @@ def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, set
     if section.get("eval_seed") is not None:
         overrides.append(f"eval.seed={int(section.eval_seed) + seed}")
     overrides += list(setting)
-    if (run_dir / "config.yaml").exists():
-        overrides.append(f"resume={run_dir}")
+    if (run_dir / "config.yaml").exists():  # killed before its first checkpoint: start over, files set aside
+        overrides += [f"resume={run_dir}", "resume_restart=true"]
     return overrides
 
 
