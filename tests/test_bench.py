@@ -243,6 +243,14 @@ def test_baselines_stage_evaluates_the_best_guidance_and_best_of_n_without_train
     # each chosen image is the better of two candidates, the first being the base model's on the same noise
     assert all(c >= b for c, b in zip(chosen["sample_rewards"], base["sample_rewards"]))
     assert chosen["reward_mean"] > base["reward_mean"]
+    # a baseline killed between its prompt sets (metrics written, no summary) is evaluated again, files kept
+    killed = tmp_path / "f" / "runs" / "best_of_2_s0"
+    (killed / "summary.json").unlink()
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text(lines[0] + "\n")
+    run_baselines(cfg)
+    assert (killed / "metrics.jsonl").read_text().splitlines() == lines
+    assert (next(killed.glob("before_restart_*")) / "metrics.jsonl").read_text() == lines[0] + "\n"
 
 
 def test_a_suite_variant_is_an_algorithm_with_options_under_its_own_name(tmp_path):

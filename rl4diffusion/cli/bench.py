@@ -44,7 +44,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rl4diffusion.cli.overrides import CONF_DIR
 from rl4diffusion.errors import ConfigError
-from rl4diffusion.training.rundir import write_text_atomically
+from rl4diffusion.training.rundir import set_aside, write_text_atomically
 
 log = logging.getLogger("rl4diffusion.bench")
 
@@ -376,7 +376,9 @@ def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, sett
         return
     log.info("baseline %s seed %d", name, seed)
     overrides = run_overrides(suite, BASELINE_ALGO, seed, run_dir, setting=setting, tuning=tuning)
-    overrides = [o for o in overrides if not o.startswith("resume=")]  # nothing to resume: evaluated again
+    overrides = [o for o in overrides if not o.startswith("resume")]  # nothing to resume: evaluated again;
+    if run_dir.is_dir() and set_aside(run_dir):  # what a killed one wrote kept in before_restart_<time>/
+        log.warning("baseline %s seed %d: a killed evaluation's files set aside; evaluating again", name, seed)
     run_baseline(train_config(overrides), run_dir, best_of=best_of)
 
 
