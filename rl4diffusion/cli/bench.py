@@ -79,7 +79,7 @@ def run_overrides(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, set
     if section.get("eval_seed") is not None:
         overrides.append(f"eval.seed={int(section.eval_seed) + seed}")
     overrides += list(setting)
-    if (run_dir / "config.yaml").exists():  # killed before its first checkpoint: start over, files set aside
+    if (run_dir / "config.yaml").exists():  # resume; one with no valid checkpoint starts over, files set aside
         overrides += [f"resume={run_dir}", "resume_restart=true"]
     return overrides
 
@@ -376,8 +376,8 @@ def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, sett
         return
     log.info("baseline %s seed %d", name, seed)
     overrides = run_overrides(suite, BASELINE_ALGO, seed, run_dir, setting=setting, tuning=tuning)
-    overrides = [o for o in overrides if not o.startswith("resume")]  # nothing to resume: evaluated again;
-    if run_dir.is_dir() and set_aside(run_dir):  # what a killed one wrote kept in before_restart_<time>/
+    overrides = [o for o in overrides if not o.startswith("resume")]  # nothing to resume: evaluated again
+    if set_aside(run_dir):  # what a killed one wrote is kept in before_restart_<time>/
         log.warning("baseline %s seed %d: a killed evaluation's files set aside; evaluating again", name, seed)
     run_baseline(train_config(overrides), run_dir, best_of=best_of)
 
