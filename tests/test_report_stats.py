@@ -211,3 +211,22 @@ def test_speedup_to_reach_counts_the_queries_to_the_references_final_value():
     runs = runs_by_algorithm(rows, "train")
     slow = speedup_to_reach(runs["nft"], runs["grpo"], EVALUATOR_LOGPROB, "train_cpu_s")
     assert slow.value == 0.0 and above_one(slow) == "refuted"
+
+
+def test_a_speedup_claim_against_a_reference_that_did_not_learn_cannot_be_told(tmp_path):
+    from rl4diffusion.training.report import CANNOT_TELL
+
+    def nft_verdict(directory, grpo_gain):
+        rows = suite_rows({"grpo": (grpo_gain, grpo_gain), "nft": (3.0, 3.0)}, evaluations=4)
+        write_report(write_rows(directory, rows))
+        claims = json.loads((directory / "claims.json").read_text())["claims"]
+        return next(c for c in claims if c["paper"].startswith("DiffusionNFT") and c["prompt_set"] == "train")
+
+    # grpo learned: nft's speed-up decides (it reaches grpo's final at half the queries)
+    assert nft_verdict(tmp_path / "learned", 1.0)["verdict"] == SUPPORTED
+    # grpo ended below the base: the base model already "reaches" its final value at 0 queries, which says
+    # nothing about nft, so the claim is not supported however large the capped speed-up
+    vacuous = nft_verdict(tmp_path / "vacuous", -1.0)
+    assert vacuous["verdict"] == CANNOT_TELL
+    assert vacuous["evidence"][0]["what"].startswith("gain evaluator log-prob of grpo")
+    assert vacuous["evidence"][0]["high"] < 0
