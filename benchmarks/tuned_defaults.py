@@ -1,0 +1,116 @@
+"""Should a package default change? The tuning trials against the seed-to-seed noise of the final runs.
+
+A tuned suite chooses each algorithm's setting from single-seed trials; the chosen setting becomes the
+suite's, not the package's. A package default changes only where its own trial was worse than the chosen
+one by more than the noise of one run could explain. This script reads the tuning trials
+(``trials.jsonl``), finds each algorithm's trial at its package defaults, and compares the gap with the
+across-seed standard deviation SD of the same score in the suite's final runs (the last evaluation's
+metric on the tuning prompt set, one value per seed): a default is worse only where
+
+    score(chosen) − score(default) > 1.96 · √2 · SD
+
+(two independent runs differ by more than that with about 5 % probability when they are equally good).
+The final runs are at four times the tuning budget, so SD is a stand-in for the trials' own noise.
+Variants (an algorithm under options, e.g. ``sdpo_mean``) are left out: they do not have package defaults
+of their own.
+
+    PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rl4diffusion.cli.bench import run_overrides, train_config
+from rl4diffusion.cli.overrides import CONF_DIR
+from rl4diffusion.errors import ConfigError
+
+
+def option_values(setting: list[str]) -> dict[str, object]:
+    """``["algo.lr=0.001", "algo.k=null"]`` as ``{"lr": 0.001, "k": None}``."""
+    values = {}
+    for item in setting:
+        key, _, value = item.partition("=")
+        values[key.removeprefix("algo.")] = json.loads(value) if value != "null" else None
+    return values
+
+
+def same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
+def final_scores(evals_path: Path, algo: str, prompt_set: str, metric: str) -> list[float]:
+    """One score per finished seed of ``algo``: its last evaluation's ``metric`` on ``prompt_set``."""
+    last = {}
+    for line in evals_path.read_text().splitlines():
+        r = json.loads(line)
+        if r["algo"] == algo and r.get("prompt_set") == prompt_set and metric in r:
+            if r["seed"] not in last or r["step"] >= last[r["seed"]]["step"]:
+                last[r["seed"]] = r
+    return [last[s][metric] for s in sorted(last)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", help="a tuned suite's name (conf/suite/<name>.yaml)")
+    parser.add_argument("--results", default=None, help="its final results (default benchmarks/results/<suite>)")
+    parser.add_argument("--tuning", default=None, help="its tuning results (default benchmarks/results/tuning/<suite>)")
+    args = parser.parse_args()
+    suite = OmegaConf.load(CONF_DIR / "suite" / f"{args.suite}.yaml")
+    results = Path(args.results or Path("benchmarks") / "results" / args.suite)
+    tuning = Path(args.tuning or Path("benchmarks") / "results" / "tuning" / args.suite)
+    if suite.get("tuning") is None or not (tuning / "trials.jsonl").exists() or not (results / "evals.jsonl").exists():
+        raise SystemExit(f"error: {args.suite} needs a tuning section, {tuning}/trials.jsonl and "
+                         f"{results}/evals.jsonl: run its tuning and final stages first.")
+    trials = [json.loads(line) for line in (tuning / "trials.jsonl").read_text().splitlines()]
+    t = suite.tuning
+    variants = set((suite.get("variants") or {}).keys())
+    print(f"Suite {args.suite}: tuning score = last `{t.metric}` on the `{t.prompt_set}` prompts; SD = across-seed "
+          "standard deviation of the same score in the final runs. A default is worse where chosen − default > "
+          "1.96·√2·SD.\n")
+    print("| algorithm | default | default score | chosen | chosen score | gap | final seeds | SD | threshold | "
+          "verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for algo in dict.fromkeys(r["algo"] for r in trials):
+        if algo in variants:
+            continue
+        mine = [r for r in trials if r["algo"] == algo and r["status"] == "done"]
+        defaults = train_config(run_overrides(suite, algo, 0, Path("/nonexistent"))).algo
+        keys = list(option_values(mine[0]["setting"]))
+        default_setting = " ".join(f"{k}={defaults[k]}" for k in keys)
+        at_default = [r for r in mine if all(same(v, defaults[k]) for k, v in option_values(r["setting"]).items())]
+        chosen = max(mine, key=lambda r: r["score"])
+        scores = final_scores(results / "evals.jsonl", algo, t.prompt_set, t.metric)
+        sd = statistics.stdev(scores) if len(scores) >= 2 else None
+        chosen_text = " ".join(s.removeprefix("algo.") for s in chosen["setting"])
+        if not at_default:
+            verdict, default_score, gap, threshold = "default not in the grid", "—", "—", "—"
+        else:
+            d = at_default[0]
+            gap_value = chosen["score"] - d["score"]
+            default_score, gap = f"{d['score']:.3f}", f"{gap_value:.3f}"
+            if d is chosen:
+                verdict, threshold = "keep (the default was chosen)", "—"
+            elif sd is None:
+                verdict, threshold = "cannot tell (fewer than 2 final seeds)", "—"
+            else:
+                limit = 1.96 * math.sqrt(2) * sd
+                threshold = f"{limit:.3f}"
+                verdict = "change" if gap_value > limit else "keep (within noise)"
+        print(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | {gap} | "
+              f"{len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} |")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
