@@ -40,13 +40,14 @@ def evaluation(algo, seed, step, judge, evaluator, *, suite="synthetic", prompt_
             "evaluator_diversity": 0.1, "diversity": 0.1, "win_n": len(judge), **extra}
 
 
-def suite_rows(gains, *, seeds=(0, 1, 2), images=24, evaluations=3, **extra):
+def suite_rows(gains, *, seeds=(0, 1, 2), images=24, evaluations=3, shared_noise=False, **extra):
     """Rows of a synthetic suite: ``gains`` maps an algorithm to its final (training-judge, evaluator) gain over
     the base model, reached linearly over ``evaluations`` evaluations; each seed has its own base images (its own
-    evaluation noise), shared by every algorithm of that seed, and small per-image noise."""
+    evaluation noise; with ``shared_noise`` all seeds share seed 0's), shared by every algorithm of that seed, and
+    small per-image noise."""
     rows = []
     for seed in seeds:
-        base_rng = np.random.default_rng(100 + seed)
+        base_rng = np.random.default_rng(100 + (0 if shared_noise else seed))
         base_judge, base_evaluator = base_rng.normal(-2.0, 1.0, images), base_rng.normal(-1.5, 1.0, images)
         for algo_index, (algo, (judge_gain, evaluator_gain)) in enumerate(sorted(gains.items())):
             noise = np.random.default_rng(1000 * seed + algo_index)
@@ -230,3 +231,49 @@ def test_a_speedup_claim_against_a_reference_that_did_not_learn_cannot_be_told(t
     assert vacuous["verdict"] == CANNOT_TELL
     assert vacuous["evidence"][0]["what"].startswith("gain evaluator log-prob of grpo")
     assert vacuous["evidence"][0]["high"] < 0
+
+
+def test_an_efficiency_claim_is_never_refuted_against_a_reference_that_did_not_learn(tmp_path):
+    from rl4diffusion.training.report import CANNOT_TELL
+
+    # grpo's gain is too small to tell from 0, and nft falls and never reaches grpo's final value: the speed-up
+    # of 0 alone would refute the claim, but a reference that may not have learned leaves it undecided
+    rows = suite_rows({"grpo": (0.0, 0.0), "nft": (-3.0, -3.0)}, evaluations=4, shared_noise=True)
+    for base, final in zip(*([r for r in rows if r["algo"] == "grpo" and r["step"] == step] for step in (0, 4))):
+        # every seed's mean ends 0.01 above its base, but image by image grpo moves ±2: a gain not told from 0
+        swing = 2.0 * (-1) ** np.arange(len(base["sample_evaluator_logprob"]))
+        values = np.array(base["sample_evaluator_logprob"]) + 0.01 + swing
+        final.update(sample_evaluator_logprob=values.tolist(), evaluator_logprob=float(values.mean()))
+    write_report(write_rows(tmp_path, rows))
+    claims = json.loads((tmp_path / "claims.json").read_text())["claims"]
+    nft = next(c for c in claims if c["paper"].startswith("DiffusionNFT"))
+    assert nft["evidence"][0]["low"] < 0 < nft["evidence"][0]["high"]  # grpo's gain
+    assert nft["evidence"][1]["value"] == 0.0 and nft["evidence"][1]["high"] < 1  # the part that would refute
+    assert nft["verdict"] == CANNOT_TELL
+
+
+def test_claims_are_decided_on_shared_seeds_and_only_on_enough_of_them(tmp_path):
+    from rl4diffusion.training.report import CANNOT_TELL, MIN_SEEDS
+
+    def dmpo_claim(directory, rows):
+        write_report(write_rows(directory, rows), allow_unequal_seeds=True)
+        claims = json.loads((directory / "claims.json").read_text())["claims"]
+        return next(c for c in claims if c["paper"].startswith("DMPO") and c["prompt_set"] == "train")
+
+    # DMPO clearly beats Diffusion-DPO on seeds 0-2; Diffusion-DPO also has a seed 3 that DMPO lacks, on which it
+    # soars. Compared on the shared seeds, the verdict stands and rests on 3 seeds; pooling seed 3 in would not
+    rows = suite_rows({"dmpo": (1.5, 1.5), "diffusion_dpo": (0.0, 0.0)})
+    rows += suite_rows({"diffusion_dpo": (9.0, 9.0)}, seeds=(3,))
+    shared = dmpo_claim(tmp_path / "shared", rows)
+    assert shared["verdict"] == SUPPORTED and shared["evidence"][0]["seeds"] == 3
+    assert shared["evidence"][0]["value"] == pytest.approx(1.5, abs=0.1)
+    # the same gap on MIN_SEEDS − 1 shared seeds is not decided
+    few = dmpo_claim(tmp_path / "few", suite_rows({"dmpo": (1.5, 1.5), "diffusion_dpo": (0.0, 0.0)},
+                                                  seeds=tuple(range(MIN_SEEDS - 1))))
+    assert few["evidence"][0]["low"] > 0 and few["verdict"] == f"{CANNOT_TELL} ({MIN_SEEDS - 1} shared seeds)"
+
+
+def test_the_base_model_row_counts_each_seed_once(tmp_path):
+    write_report(write_rows(tmp_path, suite_rows({"ddpo": (1.0, 1.0), "refl": (1.0, 1.0), "draft": (1.0, 1.0)})))
+    report = (tmp_path / "report.md").read_text()
+    assert "| *base model* | train | 3 |" in report  # 3 seeds, not 3 algorithms × 3 seeds

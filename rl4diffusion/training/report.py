@@ -72,10 +72,11 @@ def final_records(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 def table(rows: list[dict]) -> str:
     grouped = final_records(rows)
-    base = {}
+    base = {}  # prompt set → seed → the base model's evaluation (every training run of a seed starts from it)
     for r in rows:
         if r["step"] == 0 and not r.get("baseline"):
-            base.setdefault(r.get("prompt_set", "eval"), []).append(r)
+            base.setdefault(r.get("prompt_set", "eval"), {}).setdefault(r["seed"], r)
+    base = {pset: [by_seed[s] for s in sorted(by_seed)] for pset, by_seed in base.items()}
     present = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     pooled = any("win_n" in r for r in rows)
     head = ("| algorithm | prompts | seeds | " + " | ".join(t for _, t, _ in present)
@@ -770,28 +771,53 @@ def above_one(estimate: Estimate | None) -> str:
                                       estimate.draws - 1), +1)
 
 
+MIN_SEEDS = 3
+"""A claim is decided only on at least this many training seeds shared by its algorithms: with fewer, a
+seed-level statistic's interval is little more than the range of one or two runs."""
+SEEDS_RULE = (f"a claim is decided on the training seeds all its algorithms share, and only where they share at "
+              f"least {MIN_SEEDS} (each seed has its own evaluation noise, so finals on different seeds are not "
+              f"comparable); with fewer it cannot be told at this scale")
+
+
 def paper_claims(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[Run]], prompt_set: str) -> list[Claim]:
     """The four source papers' headline claims on one prompt set, each decided by its declared rule.
 
     Judged by the held-out evaluator's log-probability where the suite has it, else by the training reward
-    (and said so). Differences between two algorithms are unpaired: their seeds are different training runs."""
+    (and said so). Differences between two algorithms are unpaired: their seeds are different training runs.
+    Each claim is decided on the seeds its algorithms share (``SEEDS_RULE``)."""
     has_evaluator = any(s.estimates["final evaluator log-prob"] for s in stats.values())
     measure = EVALUATOR_LOGPROB if has_evaluator else TRAINING_REWARD
     judged = measure.name
     note = "" if has_evaluator else " (judged by the training reward: this suite has no evaluator)"
     training = {a for a, s in stats.items() if not s.baseline}
 
-    def est(algo, name):
-        return stats[algo].estimates.get(name) if algo in stats else None
-
-    def claim(paper, text, algos, parts, rule):
-        """parts: (description, estimate, verdict function)."""
+    def claim(paper, text, algos, build_parts, rule, requires=()):
+        """build_parts(est, runs) → [(description, estimate, verdict function)], on the algorithms' shared seeds;
+        ``requires``: the algorithms whose gain over the base must be supported for the claim to be decided."""
         if not set(algos) <= training:
             missing = ", ".join(sorted(set(algos) - training))
             return Claim(PAPERS[paper], text + note, prompt_set, [], rule, NOT_IN_SUITE + f" ({missing} not run)")
+        shared = set.intersection(*({r.seed for r in runs_by_algo[a]} for a in algos))
+        runs = {a: [r for r in runs_by_algo[a] if r.seed in shared] for a in algos}
+        if any(len(runs[a]) < len(runs_by_algo[a]) for a in algos):  # some seeds not shared: recompute on those
+            mine = algorithm_stats({a: rs for a, rs in runs.items() if rs}) if shared else {}
+        else:
+            mine = {a: stats[a] for a in algos}
+
+        def est(algo, name):
+            return mine[algo].estimates.get(name) if algo in mine else None
+
+        parts = [(f"gain {judged} of {a} (the reference must improve on the base)", est(a, f"gain {judged}"),
+                  reference_learned) for a in requires] + build_parts(est, runs)
         evidence = [(what, e) for what, e, _ in parts]
-        verdict = combined_verdict([decide(e) for _, e, decide in parts])
-        return Claim(PAPERS[paper], text + note, prompt_set, evidence, rule, verdict)
+        verdicts = [decide(e) for _, e, decide in parts]
+        if len(shared) < MIN_SEEDS:
+            verdict = f"{CANNOT_TELL} ({len(shared)} shared seeds)"
+        elif any(v != SUPPORTED for v in verdicts[:len(requires)]):
+            verdict = CANNOT_TELL  # the reference did not learn: nothing to reach, whatever the rest says
+        else:
+            verdict = combined_verdict(verdicts[len(requires):])
+        return Claim(PAPERS[paper], text + note, prompt_set, evidence, f"{rule}; {SEEDS_RULE}", verdict)
 
     def greater(e):
         return direction_verdict(e, +1)
@@ -800,65 +826,72 @@ def paper_claims(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[
         return direction_verdict(e, -1)
 
     claims = []
+
     # ∇-GFlowNet: faster than DDPO (area under the curve over the queries both reached) ...
-    shared = min((q for q in (last_queries(runs_by_algo.get(a, [])) for a in ("nabla_gfn", "ddpo")) if q),
-                 default=None)
-    faster = difference(*(area_under_queries(runs_by_algo[a], measure, shared) if a in runs_by_algo and shared
-                          else None for a in ("nabla_gfn", "ddpo")))
+    def faster(est, runs):
+        shared = min((q for q in (last_queries(runs[a]) for a in ("nabla_gfn", "ddpo")) if q), default=None)
+        areas = [area_under_queries(runs[a], measure, shared) if shared else None for a in ("nabla_gfn", "ddpo")]
+        return [(f"area to {shared} queries, nabla_gfn − ddpo", difference(*areas), greater)]
+
     claims.append(claim("nabla_gfn", f"∇-GFlowNet is faster than DDPO: its area under the {judged} vs "
-                        f"reward-queries curve (0 to {shared} queries, normalised) is larger",
-                        ["nabla_gfn", "ddpo"], [("area, nabla_gfn − ddpo", faster, greater)], DIRECTION_RULE))
+                        "reward-queries curve (from 0 to the queries both reached, normalised) is larger",
+                        ["nabla_gfn", "ddpo"], faster, DIRECTION_RULE))
     # ... and keeps diversity better than ReFL and DRaFT
     diversity = "final evaluator diversity" if has_evaluator else "final diversity"
-    parts = [(f"{diversity}, nabla_gfn − {other}", difference(est("nabla_gfn", diversity), est(other, diversity)),
-              greater) for other in ("refl", "draft")]
+
+    def more_diverse(est, runs):
+        return [(f"{diversity}, nabla_gfn − {other}", difference(est("nabla_gfn", diversity), est(other, diversity)),
+                 greater) for other in ("refl", "draft")]
+
     claims.append(claim("nabla_gfn", f"∇-GFlowNet keeps diversity better than ReFL and DRaFT: higher {diversity} "
                         f"({'in the evaluator' if has_evaluator else 'in the training judge'}'s features) than each",
-                        ["nabla_gfn", "refl", "draft"], parts, f"{DIRECTION_RULE}; {ALL_PARTS_RULE}"))
+                        ["nabla_gfn", "refl", "draft"], more_diverse, f"{DIRECTION_RULE}; {ALL_PARTS_RULE}"))
     # Diffusion-DPO: about 2/3 win rate over the base
     per_image_evaluator = any(s.estimates["win rate evaluator log-prob"] for s in stats.values())
     win = "win rate evaluator log-prob" if per_image_evaluator else "win rate training reward"
     claims.append(claim("diffusion_dpo", f"Diffusion-DPO wins about 2/3 of comparisons with the base model ({win}, "
                         "same noise, ties ½)", ["diffusion_dpo"],
-                        [(win, est("diffusion_dpo", win), two_thirds_verdict)], TWO_THIRDS_RULE))
+                        lambda est, runs: [(win, est("diffusion_dpo", win), two_thirds_verdict)], TWO_THIRDS_RULE))
     # DMPO beats Diffusion-DPO
     final = f"final {measure.name}"
     claims.append(claim("dmpo", f"DMPO beats Diffusion-DPO: higher final {judged}", ["dmpo", "diffusion_dpo"],
-                        [(f"{final}, dmpo − diffusion_dpo", difference(est("dmpo", final), est("diffusion_dpo", final)),
-                          greater)], DIRECTION_RULE))
+                        lambda est, runs: [(f"{final}, dmpo − diffusion_dpo",
+                                            difference(est("dmpo", final), est("diffusion_dpo", final)), greater)],
+                        DIRECTION_RULE))
     # SDPO / DPO-C&M: more stable than and better than Diffusion-DPO
     spread = f"spread {final}"
     for algo in ("sdpo", "dpo_cm"):
-        parts = [(f"{spread} (std across seeds), {algo} − diffusion_dpo",
-                  difference(est(algo, spread), est("diffusion_dpo", spread)), smaller),
-                 (f"{final}, {algo} − diffusion_dpo", difference(est(algo, final), est("diffusion_dpo", final)),
-                  greater)]
+        def stable_and_better(est, runs, algo=algo):
+            return [(f"{spread} (std across seeds), {algo} − diffusion_dpo",
+                     difference(est(algo, spread), est("diffusion_dpo", spread)), smaller),
+                    (f"{final}, {algo} − diffusion_dpo", difference(est(algo, final), est("diffusion_dpo", final)),
+                     greater)]
+
         claims.append(claim("sdpo", f"{algo} is more stable than Diffusion-DPO (smaller std across seeds of the final "
-                            f"{judged}) and better (higher final {judged})", [algo, "diffusion_dpo"], parts,
-                            f"{DIRECTION_RULE}; {ALL_PARTS_RULE}"))
-    # The flow era's efficiency claims, against Flow-GRPO (grpo: the SDE sampler at every step)
+                            f"{judged}) and better (higher final {judged})", [algo, "diffusion_dpo"],
+                            stable_and_better, f"{DIRECTION_RULE}; {ALL_PARTS_RULE}"))
+    # The flow era's efficiency claims, against Flow-GRPO (grpo: the SDE sampler at every step), decided only
+    # where grpo itself improved on the base model
     if training & set(EFFICIENCY_CLAIMS):
         def speedups(algo, x_keys):
-            runs, reference = runs_by_algo.get(algo), runs_by_algo.get("grpo")
-            learned = (f"gain {judged} of grpo (the reference must improve on the base)",
-                       est("grpo", f"gain {judged}"), reference_learned)
-            return [learned] + [
-                (f"{'reward queries' if x == 'reward_queries' else 'training CPU-seconds'} to reach grpo's "
-                 f"final {judged}: speed-up of {algo}",
-                 speedup_to_reach(runs, reference, measure, x) if runs and reference else None, above_one)
-                for x in x_keys]
+            def build(est, runs):
+                return [(f"{'reward queries' if x == 'reward_queries' else 'training CPU-seconds'} to reach grpo's "
+                         f"final {judged}: speed-up of {algo}",
+                         speedup_to_reach(runs[algo], runs["grpo"], measure, x), above_one) for x in x_keys]
+            return build
 
         claims.append(claim("nft", f"DiffusionNFT reaches Flow-GRPO's final {judged} with fewer reward queries and "
                             "fewer training CPU-seconds (the paper reports up to 25× Flow-GRPO's efficiency)",
                             ["nft", "grpo"], speedups("nft", ["reward_queries", "train_cpu_s"]),
-                            f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}"))
+                            f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}", requires=["grpo"]))
         claims.append(claim("grpo_fast", f"Flow-GRPO-Fast (SDE steps in a 2-step window) reaches Flow-GRPO's final "
                             f"{judged} in fewer training CPU-seconds", ["grpo_fast", "grpo"],
-                            speedups("grpo_fast", ["train_cpu_s"]), f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}"))
+                            speedups("grpo_fast", ["train_cpu_s"]), f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}",
+                            requires=["grpo"]))
         claims.append(claim("mixgrpo", f"MixGRPO (a sliding SDE window) reaches Flow-GRPO's final {judged} in fewer "
                             "training CPU-seconds (the paper reports about half of DanceGRPO's training time)",
                             ["mixgrpo", "grpo"], speedups("mixgrpo", ["train_cpu_s"]),
-                            f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}"))
+                            f"{SPEEDUP_RULE}; {ALL_PARTS_RULE}", requires=["grpo"]))
     return claims
 
 
@@ -1179,7 +1212,8 @@ def write_claims(out_dir: Path, name: str, claims_by_set: dict[str, list[Claim]]
             "the README quotes about this suite is here or in `report.md`. Intervals: 95 % percentile intervals "
             f"of a hierarchical bootstrap over training seeds and their images ({BOOTSTRAP_DRAWS} replicates, "
             "fixed random streams). Differences between two algorithms are unpaired (different training runs). "
-            f"Rules: {DIRECTION_RULE}; for Diffusion-DPO's win rate, {TWO_THIRDS_RULE}; {ALL_PARTS_RULE}. A claim "
+            f"Rules: {DIRECTION_RULE}; for Diffusion-DPO's win rate, {TWO_THIRDS_RULE}; {ALL_PARTS_RULE}; "
+            f"{SEEDS_RULE}. A claim "
             "whose algorithms were not run is not in this suite. Baselines without training take no part.", "",
             claims_table(claims_by_set), "", "## Evidence", ""]
     for prompt_set, claims in claims_by_set.items():
