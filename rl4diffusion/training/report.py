@@ -897,14 +897,14 @@ def paper_claims(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[
 
 def failed_methods(stats: dict[str, AlgorithmStats]) -> list[tuple[str, str, Estimate]]:
     """(algorithm, judge, gain) for every training algorithm whose gain interval lies entirely ≤ 0 under the
-    evaluator (the training reward where the suite has no evaluator)."""
+    evaluator (the training reward where the suite has no evaluator), on at least ``MIN_SEEDS`` seeds."""
     out = []
     for algo, s in sorted(stats.items()):
         if s.baseline:
             continue
         name = "gain evaluator log-prob" if s.estimates["gain evaluator log-prob"] else "gain training reward"
         gain = s.estimates[name]
-        if gain is not None and gain.high <= 0:
+        if gain is not None and gain.high <= 0 and gain.seeds >= MIN_SEEDS:
             out.append((algo, name.removeprefix("gain "), gain))
     return out
 
@@ -1165,8 +1165,8 @@ def gain_section(stats: dict[str, AlgorithmStats], prompt_set: str, has_evaluato
         text.append(f"- **{algo} did not improve on the base under the {judge}**: its gain {gain.text()} lies "
                     "entirely at or below 0 (its curve is in the plots).")
     if not failed:
-        text.append("Every training algorithm's gain interval reaches above 0 under the "
-                    f"{'evaluator' if has_evaluator else 'training reward'}.")
+        text.append(f"No training algorithm's gain interval on {MIN_SEEDS} or more seeds lies at or below 0 under "
+                    f"the {'evaluator' if has_evaluator else 'training reward'}.")
     return text + [""]
 
 
