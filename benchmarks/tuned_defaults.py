@@ -25,19 +25,21 @@ import math
 import statistics
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from rl4diffusion.cli.bench import run_overrides, train_config
 from rl4diffusion.cli.overrides import CONF_DIR
 from rl4diffusion.errors import ConfigError
+from rl4diffusion.training.report import final_records, load_evals
 
 
 def option_values(setting: list[str]) -> dict[str, object]:
-    """``["algo.lr=0.001", "algo.k=null"]`` as ``{"lr": 0.001, "k": None}``."""
+    """``["algo.lr=0.001", "algo.k=null"]`` as ``{"lr": 0.001, "k": None}`` (values read as YAML, as Hydra does)."""
     values = {}
     for item in setting:
         key, _, value = item.partition("=")
-        values[key.removeprefix("algo.")] = json.loads(value) if value != "null" else None
+        values[key.removeprefix("algo.")] = yaml.safe_load(value)
     return values
 
 
@@ -45,17 +47,6 @@ def same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9)
     return a == b
-
-
-def final_scores(evals_path: Path, algo: str, prompt_set: str, metric: str) -> list[float]:
-    """One score per finished seed of ``algo``: its last evaluation's ``metric`` on ``prompt_set``."""
-    last = {}
-    for line in evals_path.read_text().splitlines():
-        r = json.loads(line)
-        if r["algo"] == algo and r.get("prompt_set") == prompt_set and metric in r:
-            if r["seed"] not in last or r["step"] >= last[r["seed"]]["step"]:
-                last[r["seed"]] = r
-    return [last[s][metric] for s in sorted(last)]
 
 
 def main() -> None:
@@ -71,6 +62,7 @@ def main() -> None:
         raise SystemExit(f"error: {args.suite} needs a tuning section, {tuning}/trials.jsonl and "
                          f"{results}/evals.jsonl: run its tuning and final stages first.")
     trials = [json.loads(line) for line in (tuning / "trials.jsonl").read_text().splitlines()]
+    finals = final_records(load_evals(results / "evals.jsonl"))
     t = suite.tuning
     variants = set((suite.get("variants") or {}).keys())
     print(f"Suite {args.suite}: tuning score = last `{t.metric}` on the `{t.prompt_set}` prompts; SD = across-seed "
@@ -88,7 +80,7 @@ def main() -> None:
         default_setting = " ".join(f"{k}={defaults[k]}" for k in keys)
         at_default = [r for r in mine if all(same(v, defaults[k]) for k, v in option_values(r["setting"]).items())]
         chosen = max(mine, key=lambda r: r["score"])
-        scores = final_scores(results / "evals.jsonl", algo, t.prompt_set, t.metric)
+        scores = [r[t.metric] for r in finals.get((algo, t.prompt_set), []) if t.metric in r]  # one per seed
         sd = statistics.stdev(scores) if len(scores) >= 2 else None
         chosen_text = " ".join(s.removeprefix("algo.") for s in chosen["setting"])
         if not at_default:
