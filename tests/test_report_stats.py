@@ -252,6 +252,15 @@ def test_an_efficiency_claim_is_never_refuted_against_a_reference_that_did_not_l
     assert nft["verdict"] == CANNOT_TELL
 
 
+def test_a_capped_speedup_is_written_as_words_not_as_the_cap():
+    from rl4diffusion.training.report import SPEEDUP_CAP, Estimate
+
+    # the base already at the reference's value: reached with 0 queries, a speed-up only the cap can hold
+    at_cap = Estimate(SPEEDUP_CAP, 2.0, SPEEDUP_CAP, 3, np.zeros(1))
+    assert at_cap.text() == "capped (reached at 0) [2.000, capped (reached at 0)]"
+    assert Estimate(1.5, 0.5, 2.5, 3, np.zeros(1)).text() == "1.500 [0.500, 2.500]"
+
+
 def test_claims_are_decided_on_shared_seeds_and_only_on_enough_of_them(tmp_path):
     from rl4diffusion.training.report import CANNOT_TELL, MIN_SEEDS
 

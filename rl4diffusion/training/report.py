@@ -296,7 +296,10 @@ class Estimate:
     draws: np.ndarray = field(repr=False, compare=False)
 
     def text(self, digits: int = 3) -> str:
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        def number(v: float) -> str:
+            # A speed-up at its cap means "reached with none of x": say so rather than print the cap.
+            return "capped (reached at 0)" if v >= SPEEDUP_CAP else f"{v:.{digits}f}"
+        return f"{number(self.value)} [{number(self.low)}, {number(self.high)}]"
 
     def as_dict(self) -> dict:
         return {"value": round(self.value, 6), "low": round(self.low, 6), "high": round(self.high, 6),
