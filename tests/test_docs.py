@@ -189,6 +189,17 @@ def test_every_top_level_document_cited_exists():
     assert not missing, f"cited documents that are not in the repository: {sorted(missing)}"
 
 
+def test_the_readme_quotes_each_claims_table_verbatim():
+    """A verdict the README states is the report's: each block quoted from a suite's claims.md is that file's
+    verdict table, line for line (regenerate the report, then copy its table here)."""
+    quotes = re.findall(r"<!-- quoted from (\S+) -->\n(.*?)<!-- end of quote -->", README.read_text(), flags=re.S)
+    assert quotes, "the README quotes no claims.md"
+    for path, block in quotes:
+        claims = (ROOT / path).read_text().split("## Evidence")[0]
+        table = [line for line in claims.splitlines() if line.startswith("|")]
+        assert block.strip().splitlines() == table, f"the README's quote of {path} differs from the file: copy it again"
+
+
 def test_the_readme_lists_every_tensordict_key():
     from rl4diffusion import keys
 
