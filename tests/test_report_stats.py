@@ -252,6 +252,25 @@ def test_an_efficiency_claim_is_never_refuted_against_a_reference_that_did_not_l
     assert nft["verdict"] == CANNOT_TELL
 
 
+def test_a_run_that_learned_then_collapsed_is_named_by_seed(tmp_path):
+    from rl4diffusion.training.report import runs_below_base
+
+    rows = suite_rows({"steady": (1.0, 1.0), "fragile": (1.0, 1.0)}, evaluations=4)
+    # fragile's seed 2 gains like the rest until its last evaluation, then falls 5 below its base
+    last = next(r for r in rows if (r["algo"], r["seed"], r["step"]) == ("fragile", 2, 4))
+    values = np.array(last["sample_evaluator_logprob"]) - 6.0
+    last.update(sample_evaluator_logprob=values.tolist(), evaluator_logprob=float(values.mean()))
+    below = runs_below_base(runs_by_algorithm(rows, "train"), EVALUATOR_LOGPROB)
+    assert [(run.algo, run.seed) for run, *_ in below] == [("fragile", 2)]
+    run, base, best, final = below[0]
+    assert final < base < best  # it learned (best above base) and then fell below where it started
+    write_report(write_rows(tmp_path, rows))
+    report = (tmp_path / "report.md").read_text()
+    assert f"| fragile | 2 | {base:.3f} | {best:.3f} | {final:.3f} |" in report
+    write_report(write_rows(tmp_path, suite_rows({"steady": (1.0, 1.0)})))
+    assert "No training run's final evaluator log-prob is below the base model's." in (tmp_path / "report.md").read_text()
+
+
 def test_a_capped_speedup_is_written_as_words_not_as_the_cap():
     from rl4diffusion.training.report import SPEEDUP_CAP, Estimate
 

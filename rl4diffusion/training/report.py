@@ -912,6 +912,22 @@ def failed_methods(stats: dict[str, AlgorithmStats]) -> list[tuple[str, str, Est
     return out
 
 
+def runs_below_base(runs_by_algo: dict[str, list[Run]], measure: Measure) -> list[tuple[Run, float, float, float]]:
+    """(run, base, best, final) of ``measure``'s mean for every training run whose final evaluation is below the
+    base model's on the same noise: a method that fails on some seeds only, or learns and then collapses (best
+    far above final), is named seed by seed, where a mean over seeds would hide it."""
+    out = []
+    for _, runs in sorted(runs_by_algo.items()):
+        for run in runs:
+            values = [r.get(measure.mean_key) for r in run.records]
+            if run.baseline or run.base is None or any(v is None for v in values):
+                continue
+            base = run.base[measure.mean_key]
+            if values[-1] < base:
+                out.append((run, float(base), float(max(values)), float(values[-1])))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- plots
 # Twelve colours a reader tells apart (matplotlib's tab10, a navy and black) and twelve markers, so that every
 # built-in algorithm has its own pair, also in print and for colour-blind readers.
@@ -1149,7 +1165,8 @@ def final_best_area_section(stats: dict[str, AlgorithmStats], prompt_set: str, h
             _stats_table(stats, columns), ""]
 
 
-def gain_section(stats: dict[str, AlgorithmStats], prompt_set: str, has_evaluator: bool) -> list[str]:
+def gain_section(stats: dict[str, AlgorithmStats], runs_by_algo: dict[str, list[Run]], prompt_set: str,
+                 has_evaluator: bool) -> list[str]:
     columns = [("gain training reward", "gain, training reward"), ("gain evaluator log-prob", "gain, evaluator log-prob"),
                ("gain evaluator accuracy", "gain, evaluator accuracy"), ("hacking gap", "hacking gap, raw"),
                ("hacking gap standardised", "hacking gap, standardised")]
@@ -1170,7 +1187,15 @@ def gain_section(stats: dict[str, AlgorithmStats], prompt_set: str, has_evaluato
     if not failed:
         text.append(f"No training algorithm's gain interval on {MIN_SEEDS} or more seeds lies at or below 0 under "
                     f"the {'evaluator' if has_evaluator else 'training reward'}.")
-    return text + [""]
+    measure = EVALUATOR_LOGPROB if has_evaluator else TRAINING_REWARD
+    below = runs_below_base(runs_by_algo, measure)
+    if not below:
+        return text + ["", f"No training run's final {measure.name} is below the base model's.", ""]
+    return text + ["", f"Runs whose final {measure.name} is below the base model's on the same noise, seed by seed "
+                   "(best: the run's best evaluation; a best far above the final is a run that learned, then fell):",
+                   "", "| algorithm | seed | base | best | final |", "|---|---|---|---|---|",
+                   *[f"| {run.algo} | {run.seed} | {base:.3f} | {best:.3f} | {final:.3f} |"
+                     for run, base, best, final in below], ""]
 
 
 def win_flip_section(stats: dict[str, AlgorithmStats], prompt_set: str, has_evaluator: bool) -> list[str]:
@@ -1318,7 +1343,7 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_un
         for prompt_set in prompt_sets:
             stats = stats_by_set[prompt_set]
             text += final_best_area_section(stats, prompt_set, has_evaluator)
-            text += gain_section(stats, prompt_set, has_evaluator)
+            text += gain_section(stats, runs_by_algorithm(rows, prompt_set), prompt_set, has_evaluator)
             text += win_flip_section(stats, prompt_set, has_evaluator)
         write_claims(out_dir, name, claims_by_set, stats_by_set)
         text += ["## The source papers' claims", "",
