@@ -1324,9 +1324,9 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_un
                  "| algorithm | seed | error |", "|---|---|---|",
                  *[f"| {r['algo']} | {r['seed']} | {r['error']} |" for r in load_evals(failed)], ""]
     if rows:
-        stats_by_set, claims_by_set = {}, {}
+        stats_by_set, claims_by_set, runs_by_set = {}, {}, {}
         for prompt_set in prompt_sets:
-            runs = runs_by_algorithm(rows, prompt_set)
+            runs = runs_by_set[prompt_set] = runs_by_algorithm(rows, prompt_set)
             stats_by_set[prompt_set] = algorithm_stats(runs)
             claims_by_set[prompt_set] = paper_claims(stats_by_set[prompt_set], runs, prompt_set)
         has_evaluator = any(r.get("evaluator_logprob") is not None for r in rows)
@@ -1343,7 +1343,7 @@ def write_report(out_dir: str | Path, *, suite_name: str | None = None, allow_un
         for prompt_set in prompt_sets:
             stats = stats_by_set[prompt_set]
             text += final_best_area_section(stats, prompt_set, has_evaluator)
-            text += gain_section(stats, runs_by_algorithm(rows, prompt_set), prompt_set, has_evaluator)
+            text += gain_section(stats, runs_by_set[prompt_set], prompt_set, has_evaluator)
             text += win_flip_section(stats, prompt_set, has_evaluator)
         write_claims(out_dir, name, claims_by_set, stats_by_set)
         text += ["## The source papers' claims", "",
