@@ -292,3 +292,29 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_and_the_suite_goes
     assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
     aside = next(run_dir.glob("before_restart_*"))  # nothing written is lost
     assert (aside / "metrics.jsonl").read_text() == partial + "\n"
+
+
+def test_a_resumed_suite_skips_finished_runs_without_rewriting_the_report_for_each(tmp_path, monkeypatch):
+    import rl4diffusion.training.report
+    import rl4diffusion.training.trainer
+
+    for algo in ("refl", "draft"):  # finished before this invocation
+        (tmp_path / "runs" / f"{algo}_s0").mkdir(parents=True)
+        (tmp_path / "runs" / f"{algo}_s0" / "summary.json").write_text("{}")
+    trained, reports = [], []
+
+    def fake_run(cfg, run_dir):
+        trained.append(run_dir.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text("{}")
+        return True
+
+    def counting_write_report(out_dir, **kwargs):
+        reports.append(out_dir)
+        return out_dir / "report.md"
+
+    monkeypatch.setattr(rl4diffusion.training.trainer, "run", fake_run)
+    monkeypatch.setattr(rl4diffusion.training.report, "write_report", counting_write_report)
+    run_suite(_bench_cfg("suite=shapes_smoke", "seeds=1", "algos=[refl,draft,ddpo]", f"out_dir={tmp_path}"))
+    assert trained == ["ddpo_s0"]
+    assert len(reports) == 2  # after the one run trained, and once at the end: not after each skipped run

@@ -196,7 +196,12 @@ def run_suite(cfg: DictConfig) -> Path:
     rundir.check_writable(out_dir / "runs", what="the bench's out_dir", key="out_dir")  # before any run starts
     for seed, algo in [(seed, algo) for seed in seeds for algo in algos]:
         run_dir = out_dir / "runs" / f"{algo}_s{seed}"
-        log.info("%s seed %d: %s", algo, seed, "done, skipped" if (run_dir / "summary.json").exists() else "training")
+        if (run_dir / "summary.json").exists() or (run_dir / "failed.txt").exists():
+            # already in evals.jsonl and the report (rewritten once at the end): rewriting both after every
+            # skipped run made a resumed suite spend ~20 s per finished run before training anything
+            log.info("%s seed %d: done, skipped", algo, seed)
+            continue
+        log.info("%s seed %d: training", algo, seed)
         outcome = train_one(suite, algo, seed, run_dir, setting=settings.get(algo, []))
         if outcome == "interrupted":  # checkpointed: the suite stops too
             log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
