@@ -202,6 +202,7 @@ def test_tuning_stage_chooses_the_best_trial_and_the_final_stage_runs_it(tmp_pat
 def test_tuning_refuses_unequal_effort_and_records_a_failed_trial(tmp_path, monkeypatch):
     import pytest
 
+    import rl4diffusion.cli.bench
     import rl4diffusion.training.trainer
     from rl4diffusion.cli.bench import run_tuning, write_tuning
     from rl4diffusion.errors import ConfigError
@@ -221,6 +222,11 @@ def test_tuning_refuses_unequal_effort_and_records_a_failed_trial(tmp_path, monk
     records = write_tuning(cfg.suite, tmp_path)
     assert [r["status"] for r in records if r["algo"] == "ddpo"] == ["failed", "failed"]
     assert "non-finite" in (tmp_path / "runs" / "ddpo_t0_s100" / "failed.txt").read_text()
+    retried, rewrites = [], []
+    monkeypatch.setattr(rl4diffusion.training.trainer, "run", lambda cfg, run_dir: retried.append(run_dir))
+    monkeypatch.setattr(rl4diffusion.cli.bench, "write_tuning", lambda *a: rewrites.append(a))
+    run_tuning(cfg)  # resumed: a failed trial is a result, not retried, and tuning.md is written once, at the end
+    assert (retried, len(rewrites)) == ([], 1)
     with pytest.raises(ConfigError, match="ddpo .2/2 trials done, all failed"):
         run_suite(_bench_cfg("suite=shapes_smoke_tuned", "algos=[ddpo]", f"tuning_dir={tmp_path}",
                              f"out_dir={tmp_path / 'final'}"))

@@ -159,16 +159,17 @@ def train_config(overrides: list[str]) -> DictConfig:
 
 def train_one(suite: DictConfig, algo: str, seed: int, run_dir: Path, *, setting: list[str] = (),
               tuning: bool = False) -> str:
-    """Train (or resume, or skip) one run: "finished", "failed" (training aborted on non-finite values: recorded
-    in the run's failed.txt, and not retried) or "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller
-    stops). Any other error is raised: it is not a result of the setting."""
+    """Train (or resume) one run: "finished", "failed" (training aborted on non-finite values: recorded in the
+    run's failed.txt, and not retried), "interrupted" (Ctrl-C / SIGTERM: checkpointed, the caller stops) or
+    "skipped" (finished or failed in an earlier invocation: its result is already on disk). Any other error
+    is raised: it is not a result of the setting."""
     from rl4diffusion.training.trainer import TrainingAborted, run
 
-    if (run_dir / "summary.json").exists():
-        return "finished"
-    if (run_dir / "failed.txt").exists():  # diverged before: a result, not retried (another error is raised)
-        return "failed"
+    # a run that diverged before is a result too, and is not retried (another error is raised, not recorded)
+    if (run_dir / "summary.json").exists() or (run_dir / "failed.txt").exists():
+        return "skipped"
     train_cfg = train_config(run_overrides(suite, algo, seed, run_dir, setting=setting, tuning=tuning))
+    log.info("%s: training %s seed %d %s", run_dir.name, algo, seed, " ".join(setting))
     try:
         return "finished" if run(train_cfg, run_dir) else "interrupted"
     except TrainingAborted as e:  # diverged: a result of this setting, recorded as such
@@ -196,13 +197,12 @@ def run_suite(cfg: DictConfig) -> Path:
     rundir.check_writable(out_dir / "runs", what="the bench's out_dir", key="out_dir")  # before any run starts
     for seed, algo in [(seed, algo) for seed in seeds for algo in algos]:
         run_dir = out_dir / "runs" / f"{algo}_s{seed}"
-        if (run_dir / "summary.json").exists() or (run_dir / "failed.txt").exists():
+        outcome = train_one(suite, algo, seed, run_dir, setting=settings.get(algo, []))
+        if outcome == "skipped":
             # already in evals.jsonl and the report (rewritten once at the end): rewriting both after every
             # skipped run made a resumed suite spend ~20 s per finished run before training anything
-            log.info("%s seed %d: done, skipped", algo, seed)
+            log.info("%s seed %d: done before, skipped", algo, seed)
             continue
-        log.info("%s seed %d: training", algo, seed)
-        outcome = train_one(suite, algo, seed, run_dir, setting=settings.get(algo, []))
         if outcome == "interrupted":  # checkpointed: the suite stops too
             log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
             break
@@ -358,10 +358,13 @@ def run_tuning(cfg: DictConfig) -> Path:
     jobs.sort(key=lambda job: (job[0], job[2]))  # trial 0 of every algorithm first: early results everywhere
     for index, setting, seed, algo in jobs:
         run_dir = out / "runs" / f"{algo}_t{index}_s{seed}"
-        log.info("tuning %s trial %d seed %d: %s", algo, index, seed, " ".join(setting))
-        if train_one(suite, algo, seed, run_dir, setting=setting, tuning=True) == "interrupted":
+        outcome = train_one(suite, algo, seed, run_dir, setting=setting, tuning=True)
+        if outcome == "skipped":  # in tuning.md already (rewritten once at the end)
+            continue
+        if outcome == "interrupted":
             log.warning("interrupted; run the same command again to continue the tuning")
             break
+        log.info("tuning %s trial %d seed %d: %s", algo, index, seed, outcome)
         write_tuning(suite, out)
     write_tuning(suite, out)
     return out / "tuning.md"
