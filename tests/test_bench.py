@@ -173,6 +173,24 @@ def _bench_cfg(*overrides):
         return compose("bench", overrides=list(overrides))
 
 
+def test_the_committed_grid_is_the_lowest_seeds_whatever_order_the_seeds_ran_in(tmp_path, monkeypatch):
+    import rl4diffusion.training.report
+    import rl4diffusion.training.trainer
+
+    def fake_run(cfg, run_dir):  # a finished run whose final grid names its seed
+        (run_dir / "images").mkdir(parents=True, exist_ok=True)
+        (run_dir / "images" / "eval_00002_train_p1.png").write_text(f"seed {cfg.seed}")
+        (run_dir / "summary.json").write_text("{}")
+        return True
+
+    monkeypatch.setattr(rl4diffusion.training.trainer, "run", fake_run)
+    monkeypatch.setattr(rl4diffusion.training.report, "write_report", lambda out_dir, **kw: out_dir / "report.md")
+    grid = tmp_path / "grids" / "refl_train.png"
+    for seeds, expected in [("[2]", "seed 2"), ("[0]", "seed 0"), ("[1,3]", "seed 0")]:  # e.g. two lanes, resumed
+        run_suite(_bench_cfg("suite=shapes_smoke", f"seeds={seeds}", "algos=[refl]", f"out_dir={tmp_path}"))
+        assert grid.read_text() == expected
+
+
 def test_tuning_stage_chooses_the_best_trial_and_the_final_stage_runs_it(tmp_path):
     import pytest
 
