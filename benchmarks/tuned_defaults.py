@@ -11,6 +11,8 @@ metric on the tuning prompt set, one value per seed): a default is worse only wh
 
 (two independent runs differ by more than that with about 5 % probability when they are equally good).
 The final runs are at four times the tuning budget, so SD is a stand-in for the trials' own noise.
+The rule compares settings at the same number of reward queries; the last column, the chosen trial's training
+CPU-seconds per reward query over the default trial's, says what the chosen setting costs in compute beside it.
 Variants (an algorithm under options, e.g. ``sdpo_mean``) are left out: they do not have package defaults
 of their own.
 
@@ -49,6 +51,15 @@ def same(a, b) -> bool:
     return a == b
 
 
+def cpu_per_query(tuning: Path, record: dict) -> float | None:
+    """A trial's training CPU-seconds per reward query, averaged over its tuning seeds (None where its runs'
+    summaries are not there)."""
+    summaries = sorted((tuning / "runs").glob(f"{record['algo']}_t{record.get('trial')}_s*/summary.json"))
+    costs = [s["train_cpu_s"] / s["reward_queries"] for s in (json.loads(p.read_text()) for p in summaries)
+             if s.get("reward_queries")]
+    return statistics.mean(costs) if costs else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", help="a tuned suite's name (conf/suite/<name>.yaml)")
@@ -69,8 +80,8 @@ def main() -> None:
           "standard deviation of the same score in the final runs. A default is worse where chosen − default > "
           "1.96·√2·SD.\n")
     print("| algorithm | default | default score | chosen | chosen score | gap | final seeds | SD | threshold | "
-          "verdict |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "verdict | CPU-s per query, chosen ÷ default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for algo in dict.fromkeys(r["algo"] for r in trials):
         if algo in variants:
             continue
@@ -84,7 +95,7 @@ def main() -> None:
         sd = statistics.stdev(scores) if len(scores) >= 2 else None
         chosen_text = " ".join(s.removeprefix("algo.") for s in chosen["setting"])
         if not at_default:
-            verdict, default_score, gap, threshold = "default not in the grid", "—", "—", "—"
+            verdict, default_score, gap, threshold, cost = "default not in the grid", "—", "—", "—", "—"
         else:
             d = at_default[0]
             gap_value = chosen["score"] - d["score"]
@@ -97,8 +108,10 @@ def main() -> None:
                 limit = 1.96 * math.sqrt(2) * sd
                 threshold = f"{limit:.3f}"
                 verdict = "change" if gap_value > limit else "keep (within noise)"
+            costs = cpu_per_query(tuning, chosen), cpu_per_query(tuning, d)
+            cost = "—" if None in costs else f"{costs[0] / costs[1]:.2f}"
         print(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | {gap} | "
-              f"{len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} |")
+              f"{len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} | {cost} |")
 
 
 if __name__ == "__main__":
