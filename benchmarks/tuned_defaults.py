@@ -54,7 +54,7 @@ def same(a, b) -> bool:
 def cpu_per_query(tuning: Path, record: dict) -> float | None:
     """A trial's training CPU-seconds per reward query, averaged over its tuning seeds (None where its runs'
     summaries are not there)."""
-    summaries = sorted((tuning / "runs").glob(f"{record['algo']}_t{record.get('trial')}_s*/summary.json"))
+    summaries = sorted((tuning / "runs").glob(f"{record['algo']}_t{record['trial']}_s*/summary.json"))
     costs = [s["train_cpu_s"] / s["reward_queries"] for s in (json.loads(p.read_text()) for p in summaries)
              if s.get("reward_queries")]
     return statistics.mean(costs) if costs else None

@@ -206,8 +206,9 @@ def run_suite(cfg: DictConfig) -> Path:
         if outcome == "interrupted":  # checkpointed: the suite stops too
             log.warning("%s seed %d: interrupted; the suite stops here, run it again to resume", algo, seed)
             break
-        lower_seed_finished = any((out_dir / "runs" / f"{algo}_s{s}" / "summary.json").exists() for s in range(seed))
-        if outcome == "finished" and not lower_seed_finished:  # the lowest seed's grid, in whatever order they ran
+        # the lowest finished seed's grid, in whatever order the seeds ran
+        if outcome == "finished" and not any((out_dir / "runs" / f"{algo}_s{lower}" / "summary.json").exists()
+                                             for lower in range(seed)):
             keep_final_grids(run_dir, out_dir / "grids", algo)
         merge_evals(out_dir, suite.name)
         write_report(out_dir, suite_name=suite.name, allow_unequal_seeds=True)
