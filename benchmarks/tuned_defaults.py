@@ -16,7 +16,9 @@ CPU-seconds per reward query over the default trial's, says what the chosen sett
 Variants (an algorithm under options, e.g. ``sdpo_mean``) are left out: they do not have package defaults
 of their own.
 
-    PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k
+    PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k --out benchmarks/results/tuning/shapes_4k/defaults.md
+
+The table goes to standard output and, with ``--out``, to that file too.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("suite", help="a tuned suite's name (conf/suite/<name>.yaml)")
     parser.add_argument("--results", default=None, help="its final results (default benchmarks/results/<suite>)")
     parser.add_argument("--tuning", default=None, help="its tuning results (default benchmarks/results/tuning/<suite>)")
+    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args()
     suite = OmegaConf.load(CONF_DIR / "suite" / f"{args.suite}.yaml")
     results = Path(args.results or Path("benchmarks") / "results" / args.suite)
@@ -76,12 +79,13 @@ def main() -> None:
     finals = final_records(load_evals(results / "evals.jsonl"))
     t = suite.tuning
     variants = set((suite.get("variants") or {}).keys())
-    print(f"Suite {args.suite}: tuning score = last `{t.metric}` on the `{t.prompt_set}` prompts; SD = across-seed "
-          "standard deviation of the same score in the final runs. A default is worse where chosen − default > "
-          "1.96·√2·SD.\n")
-    print("| algorithm | default | default score | chosen | chosen score | gap | final seeds | SD | threshold | "
-          "verdict | CPU-s per query, chosen ÷ default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"# Package defaults against the {args.suite} tuning trials\n",
+             f"Written by `benchmarks/tuned_defaults.py {args.suite}`. Tuning score = last `{t.metric}` on the "
+             f"`{t.prompt_set}` prompts; SD = across-seed standard deviation of the same score in the final runs. "
+             "A default is worse where chosen − default > 1.96·√2·SD.\n",
+             "| algorithm | default | default score | chosen | chosen score | gap | final seeds | SD | threshold | "
+             "verdict | CPU-s per query, chosen ÷ default |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for algo in dict.fromkeys(r["algo"] for r in trials):
         if algo in variants:
             continue
@@ -110,8 +114,12 @@ def main() -> None:
                 verdict = "change" if gap_value > limit else "keep (within noise)"
             costs = cpu_per_query(tuning, chosen), cpu_per_query(tuning, d)
             cost = "—" if None in costs else f"{costs[0] / costs[1]:.2f}"
-        print(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | {gap} | "
+        lines.append(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | {gap} | "
               f"{len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} | {cost} |")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

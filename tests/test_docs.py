@@ -85,12 +85,13 @@ MAKE_PAIRS = "python -m rl4diffusion.make_pairs model=tiny reward=shape_alignmen
 REPORT = "python benchmarks/report.py benchmarks/results/shapes"
 EQUAL_REWARD = ("PYTHONPATH=. python benchmarks/equal_reward.py benchmarks/results/shapes_queries "
                 "--others refl draft ddpo")
-TUNED_DEFAULTS = "PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k"
+TUNED_DEFAULTS = ("PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k "
+                  "--out benchmarks/results/tuning/shapes_4k/defaults.md")
 RUN_OTHER = {
     MAKE_PAIRS: "with n=4 model.num_steps=2 appended, in a temporary directory",
     REPORT: "on a copy of benchmarks/results/shapes (it rewrites report.md); it must equal the committed one",
     EQUAL_REWARD: "as written (it only reads)",
-    TUNED_DEFAULTS: "as written (it only reads)",
+    TUNED_DEFAULTS: "writing to a temporary file, which must equal the committed defaults.md",
 }
 CHECKED = {  # command → why it is not run: its suite is composed and every run's training config validated
     "python -m rl4diffusion.bench suite=shapes seeds=3": "12 algorithms × 3 seeds × 180 CPU-s: hours",
@@ -280,8 +281,9 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
     shutil.copytree(ROOT / "benchmarks" / "results" / "shapes", tmp_path / "shapes",
                     ignore=shutil.ignore_patterns("runs", "*.png"))
     (tmp_path / "shapes" / "report.md").unlink()
+    defaults_md = "benchmarks/results/tuning/shapes_4k/defaults.md"
     for command in (REPORT.replace("benchmarks/results/shapes", str(tmp_path / "shapes")), EQUAL_REWARD,
-                    TUNED_DEFAULTS):
+                    TUNED_DEFAULTS.replace(defaults_md, str(tmp_path / "defaults.md"))):
         argv = shlex.split(command)
         extra = dict(a.split("=", 1) for a in argv if re.match(r"[A-Z_]+=", a))
         argv = [sys.executable if a == "python" else a for a in argv if not re.match(r"[A-Z_]+=", a)]
@@ -290,6 +292,8 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
     committed = (ROOT / "benchmarks" / "results" / "shapes" / "report.md").read_text()
     assert (tmp_path / "shapes" / "report.md").read_text() == committed
+    assert (tmp_path / "defaults.md").read_text() == (ROOT / defaults_md).read_text(), \
+        f"{defaults_md} is not what tuned_defaults.py writes from the committed results: run the README's command"
 
 
 @pytest.mark.parametrize("command", sorted(CHECKED))

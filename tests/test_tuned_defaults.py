@@ -34,9 +34,11 @@ def _verdicts(tmp_path, final_ddpo_scores):
              for seed, score in enumerate(final_ddpo_scores) for step in (0, 128)]
     (results / "evals.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
     proc = subprocess.run([sys.executable, "benchmarks/tuned_defaults.py", "shapes_4k", "--results", str(results),
-                           "--tuning", str(tuning)], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                           "--tuning", str(tuning), "--out", str(tmp_path / "defaults.md")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "defaults.md").read_text() == proc.stdout  # --out writes what it prints
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
     return {cells[0].strip(): [c.strip() for c in cells] for cells in rows[1:]}
 
