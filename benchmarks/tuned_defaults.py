@@ -114,8 +114,8 @@ def main() -> None:
                 verdict = "change" if gap_value > limit else "keep (within noise)"
             costs = cpu_per_query(tuning, chosen), cpu_per_query(tuning, d)
             cost = "—" if None in costs else f"{costs[0] / costs[1]:.2f}"
-        lines.append(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | {gap} | "
-              f"{len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} | {cost} |")
+        lines.append(f"| {algo} | `{default_setting}` | {default_score} | `{chosen_text}` | {chosen['score']:.3f} | "
+                     f"{gap} | {len(scores)} | {'—' if sd is None else f'{sd:.3f}'} | {threshold} | {verdict} | {cost} |")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
