@@ -275,6 +275,11 @@ def test_baselines_stage_evaluates_the_best_guidance_and_best_of_n_without_train
     run_baselines(cfg)
     assert (killed / "metrics.jsonl").read_text().splitlines() == lines
     assert (next(killed.glob("before_restart_*")) / "metrics.jsonl").read_text() == lines[0] + "\n"
+    # the choice is written into the tuning directory, under the name of the suite that owns it
+    assert (tmp_path / "t" / "baselines.md").read_text().startswith("# No-training baselines: suite shapes_smoke_tuned\n")
+    run_baselines(_bench_cfg("suite=shapes_smoke_tuned", "+suite.tuned_by=shapes_smoke", "stage=baselines",
+                             f"tuning_dir={tmp_path / 't'}", f"out_dir={tmp_path / 'f'}"))  # everything is there
+    assert (tmp_path / "t" / "baselines.md").read_text().startswith("# No-training baselines: suite shapes_smoke\n")
 
 
 def test_a_suite_variant_is_an_algorithm_with_options_under_its_own_name(tmp_path):

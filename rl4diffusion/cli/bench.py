@@ -413,7 +413,8 @@ def run_baselines(cfg: DictConfig) -> Path:
                          tuning=True)
         scores[g] = sum(trial_score(r, t.prompt_set, t.metric) for r in runs) / len(runs)
     best = max(spec.guidance, key=lambda g: scores[g])
-    lines = [f"# No-training baselines: suite {suite.name}", "",
+    # A suite tuned by another shares its tuning directory, so the file names the suite that owns it.
+    lines = [f"# No-training baselines: suite {suite.get('tuned_by') or suite.name}", "",
              f"The base model's guidance scale, chosen by the tuning rule's metric (`{t.metric}` on the "
              f"`{t.prompt_set}` prompts, tuning seeds {list(t.seeds)}): **{best}**.", "",
              "| guidance | score | chosen |", "|---|---|---|",
