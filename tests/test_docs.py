@@ -124,6 +124,8 @@ COVERED = {
         "tests/test_compare.py::test_runs_of_two_algorithms_give_one_row_each_beside_the_runs",
     "python -m rl4diffusion.compare benchmarks/results/shapes/runs out=shapes_compare":
         "tests/test_compare.py::test_a_bench_suites_runs_compare_like_its_report (out= a temporary directory)",
+    "PYTHONPATH=. python benchmarks/reward_shape.py --out benchmarks/results/shapes_4k_bounded/reward_shape.md":
+        "tests/test_reward_shape.py runs the script on two suites' evals.jsonl (--out a temporary file)",
 }
 EXEMPT = {
     "accelerate launch --multi_gpu --num_processes 8 -m rl4diffusion.train model=sd15 reward=aesthetic":
