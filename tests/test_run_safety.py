@@ -196,6 +196,30 @@ def test_a_second_run_on_a_locked_directory_exits_2_naming_the_holder(random_pip
     assert train == list(range(1, len(train) + 1))
 
 
+def test_a_run_refused_before_the_holder_has_written_its_pid_still_names_it(tmp_path):
+    """The holder locks first and writes its pid a moment later (under load, a long moment): a run refused in
+    between waits for the pid rather than naming no one."""
+    from rl4diffusion.training import rundir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0)\n"
+        "time.sleep(600)\n"), str(run_dir / rundir.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+            rundir.lock_run_dir(run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_sigterm_exits_3_and_a_resume_continues_in_place(random_pipeline_dir, tmp_path):
     run_dir = tmp_path / "run"
     proc = train_cli(*overrides(random_pipeline_dir), "epochs=200", f"hydra.run.dir={run_dir}", cwd=tmp_path)
