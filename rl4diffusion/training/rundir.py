@@ -120,13 +120,12 @@ def lock_run_dir(run_dir: Path) -> RunLock:
         os.close(fd)
         raise _in_use(run_dir, holder)
     try:
-        # the pid first, so that a refused process has it to name (see _holder)
+        for stale in run_dir.glob(".write_probe_*"):  # a killed run's probe: only a lock holder probes here
+            stale.unlink(missing_ok=True)
+        check_writable(run_dir)  # under the lock: a full disk is refused before anything is written
         pid = f"{os.getpid()}\n".encode()
         os.pwrite(fd, pid, 0)  # then cut what a longer old pid left: a reader always finds a pid first
         os.ftruncate(fd, len(pid))
-        for stale in run_dir.glob(".write_probe_*"):  # a killed run's probe: only a lock holder probes here
-            stale.unlink(missing_ok=True)
-        check_writable(run_dir)  # under the lock: a full disk is refused before anything else is written
     except BaseException as e:
         os.close(fd)
         if created:  # leave no empty directory behind a refusal
@@ -163,13 +162,13 @@ def lock_holder(run_dir: Path) -> str | None:
 def _holder(fd: int) -> str | None:
     """Lock ``fd``; if another process holds the lock, its pid (the file's first line) instead.
 
-    A new holder writes its pid just after it locks (a fresh lock file is empty until then), so an empty
-    file is read again for up to two seconds before the pid is called unknown."""
+    A new holder writes its pid once it has checked the directory is writable (a fresh lock file is empty until
+    then), so an empty file is read again for up to five seconds before the pid is called unknown."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + 5.0
         while not (pid := os.pread(fd, 64, 0).decode(errors="replace").split()) and time.monotonic() < deadline:
             time.sleep(0.02)
         return pid[0] if pid else "unknown"
