@@ -87,11 +87,14 @@ EQUAL_REWARD = ("PYTHONPATH=. python benchmarks/equal_reward.py benchmarks/resul
                 "--others refl draft ddpo")
 TUNED_DEFAULTS = ("PYTHONPATH=. python benchmarks/tuned_defaults.py shapes_4k "
                   "--out benchmarks/results/tuning/shapes_4k/defaults.md")
+REWARD_SHAPE = ("PYTHONPATH=. python benchmarks/reward_shape.py "
+                "--out benchmarks/results/shapes_4k_bounded/reward_shape.md")
 RUN_OTHER = {
     MAKE_PAIRS: "with n=4 model.num_steps=2 appended, in a temporary directory",
     REPORT: "on a copy of benchmarks/results/shapes (it rewrites report.md); it must equal the committed one",
     EQUAL_REWARD: "as written (it only reads)",
     TUNED_DEFAULTS: "writing to a temporary file, which must equal the committed defaults.md",
+    REWARD_SHAPE: "writing to a temporary file, which must equal the committed reward_shape.md",
 }
 CHECKED = {  # command → why it is not run: its suite is composed and every run's training config validated
     "python -m rl4diffusion.bench suite=shapes seeds=3": "12 algorithms × 3 seeds × 180 CPU-s: hours",
@@ -124,8 +127,6 @@ COVERED = {
         "tests/test_compare.py::test_runs_of_two_algorithms_give_one_row_each_beside_the_runs",
     "python -m rl4diffusion.compare benchmarks/results/shapes/runs out=shapes_compare":
         "tests/test_compare.py::test_a_bench_suites_runs_compare_like_its_report (out= a temporary directory)",
-    "PYTHONPATH=. python benchmarks/reward_shape.py --out benchmarks/results/shapes_4k_bounded/reward_shape.md":
-        "tests/test_reward_shape.py runs the script on two suites' evals.jsonl (--out a temporary file)",
 }
 EXEMPT = {
     "accelerate launch --multi_gpu --num_processes 8 -m rl4diffusion.train model=sd15 reward=aesthetic":
@@ -284,8 +285,10 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
                     ignore=shutil.ignore_patterns("runs", "*.png"))
     (tmp_path / "shapes" / "report.md").unlink()
     defaults_md = "benchmarks/results/tuning/shapes_4k/defaults.md"
+    reward_shape_md = "benchmarks/results/shapes_4k_bounded/reward_shape.md"
     for command in (REPORT.replace("benchmarks/results/shapes", str(tmp_path / "shapes")), EQUAL_REWARD,
-                    TUNED_DEFAULTS.replace(defaults_md, str(tmp_path / "defaults.md"))):
+                    TUNED_DEFAULTS.replace(defaults_md, str(tmp_path / "defaults.md")),
+                    REWARD_SHAPE.replace(reward_shape_md, str(tmp_path / "reward_shape.md"))):
         argv = shlex.split(command)
         extra = dict(a.split("=", 1) for a in argv if re.match(r"[A-Z_]+=", a))
         argv = [sys.executable if a == "python" else a for a in argv if not re.match(r"[A-Z_]+=", a)]
@@ -296,6 +299,8 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
     assert (tmp_path / "shapes" / "report.md").read_text() == committed
     assert (tmp_path / "defaults.md").read_text() == (ROOT / defaults_md).read_text(), \
         f"{defaults_md} is not what tuned_defaults.py writes from the committed results: run the README's command"
+    assert (tmp_path / "reward_shape.md").read_text() == (ROOT / reward_shape_md).read_text(), \
+        f"{reward_shape_md} is not what reward_shape.py writes from the committed results: run the README's command"
 
 
 @pytest.mark.parametrize("command", sorted(CHECKED))
