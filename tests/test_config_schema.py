@@ -83,7 +83,7 @@ def test_the_values_that_ran_before_the_schema_still_run():
     assert algo["ddpo"].lr == 3e-3 and algo["ddpo"].batch_size == 32
     assert (algo["grpo"].lr, algo["grpo"].batch_size, algo["grpo"].group_size) == (3e-3, 32, 4)
     assert (algo["dpok"].lr, algo["dpok"].batch_size, algo["dpok"].value_lr) == (1e-3, 16, 1e-3)
-    assert (algo["refl"].reward_target, algo["refl"].loss_scale) == (0.0, 1.0)
+    assert (algo["refl"].reward_target, algo["refl"].loss_scale) == (None, 1.0)  # no target: see refl.py
     assert algo["sdpo"].beta == 400.0 and algo["dpo_cm"].beta == 2000.0  # one dataclass, two algorithms
     default = compose_train([])
     assert default.algo.name == "nabla_gfn" and default.model.num_steps == 20 and default.epochs == 10

@@ -38,6 +38,24 @@ def test_refl_loss_matches_hand_computation():
     assert "loss_pretrain" not in refl_loss(r.detach(), target=2.0, scale=0.5)
 
 
+def test_refl_without_a_target_pushes_every_reward_up_whatever_its_scale():
+    """The default has no target: a target of 0 gave a reward in [0, 1] no gradient at all."""
+    from rl4diffusion.algorithms.refl import ReFLConfig
+
+    assert ReFLConfig().reward_target is None
+    for r in (torch.tensor([0.2, 0.9, 1.0], requires_grad=True), torch.tensor([5.1, 6.0, 4.2], requires_grad=True)):
+        out = refl_loss(r, target=ReFLConfig().reward_target, scale=0.5)
+        torch.testing.assert_close(out["loss_reward"], -0.5 * r.detach().mean())
+        out["loss_reward"].backward()
+        torch.testing.assert_close(r.grad, torch.full((3,), -0.5 / 3))
+    # on a log-probability (≤ 0) it is the old target of 0, value and gradient
+    logp = torch.tensor([-0.1, -2.0, -0.7], requires_grad=True)
+    hinge = torch.tensor([-0.1, -2.0, -0.7], requires_grad=True)
+    refl_loss(logp, target=None, scale=1.0)["loss_reward"].backward()
+    refl_loss(hinge, target=0.0, scale=1.0)["loss_reward"].backward()
+    torch.testing.assert_close(logp.grad, hinge.grad)
+
+
 def test_refl_start_index_covers_the_papers_late_steps():
     g = torch.Generator().manual_seed(0)
     draws = {refl_start_index(40, [0.75, 1.0], g) for _ in range(400)}

@@ -11,7 +11,11 @@ Implementation details:
    x̂₀ = (x_s − √(1−ᾱ_s) ε̂_θ)/√ᾱ_s is decoded and scored. On a flow-matching model (SD3, ``model=tiny_flow``)
    the one-step prediction is rectified flow's x̂₀ = x_σ − σ·v̂_θ.
 3. Loss = scale · mean(ReLU(target − r)) (the paper's λ = 1e-3, target 2 for the standardised
-   ImageReward score). The ReLU stops pushing images whose reward already exceeds the target.
+   ImageReward score). The ReLU stops pushing images whose reward already exceeds the target. The target is
+   in the reward's units, so it is off by default (``reward_target: null``, loss = scale · mean(−r), the
+   same as any target above every reward): a fixed default silences some reward entirely. A target of 0,
+   harmless for a log-probability ≤ 0, gave a reward in [0, 1] (``shape_alignment_prob``) or an aesthetic
+   score no gradient at all, only the regulariser's.
 4. Optional pre-training regulariser (``reg_weight`` > 0): the denoising loss
    mean‖ε̂_θ(√ᾱ_t x₀ + √(1−ᾱ_t) ε, t, c) − ε‖² on real data — in the embedded world, shapes images
    from ``rl4diffusion.zoo.shapes.sample_shapes`` (training captions only, so the held-out pairs stay
@@ -45,9 +49,10 @@ class ReFLConfig(BackpropConfig):
 
     start_range: list[float] = field(default_factory=lambda: [0.75, 1.0])
     """[lo, hi]: the grad step s is drawn uniformly from step indices ⌊lo·N⌋ … ⌈hi·N⌉−1 (paper: 30–39 of 40)."""
-    reward_target: float = 0.0
+    reward_target: float | None = None
     """Rewards above this give no gradient (ReLU(target − r)); paper: 2 for ImageReward's standardised score.
-    0 here: shape_alignment is a log-probability ≤ 0, so the ReLU never saturates."""
+    null: no target, every reward is pushed up (loss −r). It is in the reward's units: set it only for a
+    reward whose scale you know."""
     loss_scale: float = 1.0
     """λ, the loss multiplier (paper: 1e-3 for ImageReward's standardised score; scale-free under Adam up to the
     gradient clip)."""
@@ -69,7 +74,7 @@ class ReFLConfig(BackpropConfig):
 def refl_loss(
     rewards: torch.Tensor,
     *,
-    target: float,
+    target: float | None,
     scale: float,
     reg_prediction: torch.Tensor | None = None,
     reg_target: torch.Tensor | None = None,
@@ -77,19 +82,23 @@ def refl_loss(
 ) -> dict[str, torch.Tensor]:
     """ReFL's loss (ImageReward paper, Sec. 4.2, L_reward = λ E[φ(r(x̂₀))] with φ = ReLU(target − ·)).
 
-        loss_reward   = scale · mean(ReLU(target − r))
+        loss_reward   = scale · mean(ReLU(target − r))        (scale · mean(−r) when target is None)
         loss_pretrain = reg_weight · mean((ε̂ − ε)²)          (only when reg_weight > 0)
 
     Args:
         rewards: r(decode(x̂₀)) [B] with the graph.
+        target: the reward above which an image gets no gradient, or None for none.
         reg_prediction, reg_target: the model's prediction and its denoising target on data [M, C, h, w].
     Returns:
-        ``loss_reward`` (and ``loss_pretrain``), plus ``frac_below_target`` (detached).
+        ``loss_reward`` (and ``loss_pretrain``), plus ``frac_below_target`` (detached; 1 without a target).
     """
-    out = {
-        "loss_reward": scale * torch.relu(target - rewards).mean(),
-        "frac_below_target": (rewards < target).float().mean().detach(),
-    }
+    if target is None:
+        out = {"loss_reward": -scale * rewards.mean(), "frac_below_target": torch.ones(())}
+    else:
+        out = {
+            "loss_reward": scale * torch.relu(target - rewards).mean(),
+            "frac_below_target": (rewards < target).float().mean().detach(),
+        }
     if reg_weight > 0:
         if reg_prediction is None or reg_target is None:
             raise ValueError("reg_weight > 0 needs reg_prediction and reg_target")
