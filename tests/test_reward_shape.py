@@ -76,3 +76,15 @@ def test_runs_from_different_noise_are_refused_not_paired(tmp_path):
     proc = _run(tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "refl seed 0" in proc.stderr and "cannot be paired" in proc.stderr
+
+
+def test_float_rounding_of_a_very_low_log_probability_is_not_other_noise(tmp_path):
+    """Seen: one image at -14.557 scored -14.556 in the other suite's process (relative 7e-5): the same image."""
+    rng = np.random.default_rng(2)
+    base = [np.append(rng.normal(-2, 1, 15), -14.5574) for _ in range(3)]
+    rounded = [np.append(b[:-1] + 2e-4, -14.5564) for b in base]
+    _suite(tmp_path / "logprob", {"refl": base}, base)
+    _suite(tmp_path / "bounded", {"refl": base}, rounded)
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _rows(proc.stdout)["refl"][2] == "0, 1, 2"
