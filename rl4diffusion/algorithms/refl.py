@@ -93,7 +93,7 @@ def refl_loss(
         ``loss_reward`` (and ``loss_pretrain``), plus ``frac_below_target`` (detached; 1 without a target).
     """
     if target is None:
-        out = {"loss_reward": -scale * rewards.mean(), "frac_below_target": torch.ones(())}
+        out = {"loss_reward": -scale * rewards.mean(), "frac_below_target": rewards.new_ones(())}
     else:
         out = {
             "loss_reward": scale * torch.relu(target - rewards).mean(),
