@@ -8,8 +8,8 @@ log-probability under each reward and the difference, bounded − log-probabilit
 the benchmark report's hierarchical bootstrap (training seeds with replacement, then each drawn seed's images).
 The difference is paired: seed s of both suites starts from the same base model and is evaluated on the same
 noise, so image i of one suite's final evaluation and image i of the other's come from the same starting noise
-(the script checks this: both suites' base evaluations of seed s must agree image for image, to 1e-3 plus 1e-4 of the value). The evaluator's
-accuracy (colour and shape both right) is given beside it.
+(the script checks this: both suites' base evaluations of seed s must agree image for image, to 1e-3 plus 1e-4
+of the value). The evaluator's accuracy (colour and shape both right) is given beside it.
 
 A method depends on the reward's shape where the interval of the log-probability difference excludes 0, on at
 least 3 shared seeds (the report's rule for a verdict); otherwise this scale cannot tell.
