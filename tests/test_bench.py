@@ -5,7 +5,7 @@ import shutil
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from rl4diffusion.cli.bench import CONF_DIR, run_suite
 from rl4diffusion.training.report import write_report
@@ -255,9 +255,15 @@ def test_baselines_stage_evaluates_the_best_guidance_and_best_of_n_without_train
 
     cfg = _bench_cfg("suite=shapes_smoke_tuned", "stage=baselines", f"tuning_dir={tmp_path / 't'}",
                      f"out_dir={tmp_path / 'f'}")
+    with open_dict(cfg.suite.train):  # a suite that fixes its runs' evaluation guidance, as the flow suite does
+        cfg.suite.train["eval.guidance_scale"] = 2
     run_baselines(cfg)
-    scores = {g: json.loads((tmp_path / "t" / "runs" / f"base_g{g}_s100" / "metrics.jsonl").read_text()
-                            .splitlines()[0])["evaluator_logprob"] for g in (1, 2)}
+    runs = {g: tmp_path / "t" / "runs" / f"base_g{g}_s100" for g in (1, 2)}
+    scores = {g: json.loads((r / "metrics.jsonl").read_text().splitlines()[0])["evaluator_logprob"]
+              for g, r in runs.items()}
+    # the sweep evaluates at each of its scales, whatever the suite's evaluation guidance
+    assert [json.loads((r / "summary.json").read_text())["guidance_scale"] for r in runs.values()] == [1.0, 2.0]
+    assert scores[1] != scores[2]
     best = max(scores, key=scores.get)
     rows = [json.loads(x) for x in (tmp_path / "f" / "evals.jsonl").read_text().splitlines()]
     assert {r["algo"] for r in rows} == {f"base_g{best}", "best_of_2"} and all(r["baseline"] for r in rows)

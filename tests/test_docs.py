@@ -307,7 +307,7 @@ def test_readme_commands_run(random_pipeline_dir, tmp_path):
 def test_hour_long_bench_commands_compose_and_their_runs_validate(command, tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from rl4diffusion.cli.bench import BASELINE_ALGO, CONF_DIR, grid_settings, run_overrides
+    from rl4diffusion.cli.bench import BASELINE_ALGO, CONF_DIR, grid_settings, guidance_setting, run_overrides
     from rl4diffusion.cli.overrides import check_config, rewrite_overrides
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -320,4 +320,4 @@ def test_hour_long_bench_commands_compose_and_their_runs_validate(command, tmp_p
     if cfg.stage == "baselines":
         for g in cfg.suite.baselines.guidance:
             check_config(rewrite_overrides(run_overrides(cfg.suite, BASELINE_ALGO, 0, tmp_path / "base",
-                                                         setting=[f"model.guidance_scale={g}"], tuning=True)))
+                                                         setting=guidance_setting(g), tuning=True)))

@@ -392,6 +392,12 @@ def baseline_run(suite: DictConfig, name: str, seed: int, run_dir: Path, *, sett
     run_baseline(train_config(overrides), run_dir, best_of=best_of)
 
 
+def guidance_setting(guidance: float) -> list[str]:
+    """A baseline's guidance scale: the model's, and the evaluation's too, which a suite may fix for its
+    training runs (``eval.guidance_scale``, e.g. the flow suite's) and which would otherwise win."""
+    return [f"model.guidance_scale={guidance}", f"eval.guidance_scale={guidance}"]
+
+
 def run_baselines(cfg: DictConfig) -> Path:
     """The no-training baselines of a suite (its ``baselines`` section): the base model at the guidance scale
     that scores best on the tuning seeds and noise (by the tuning rule's metric), and best-of-N sampling at
@@ -409,7 +415,7 @@ def run_baselines(cfg: DictConfig) -> Path:
     for g in spec.guidance:
         runs = [tune_out / "runs" / f"base_g{g}_s{seed}" for seed in t.seeds]
         for seed, run_dir in zip(t.seeds, runs):
-            baseline_run(suite, f"base_g{g}", seed, run_dir, setting=[f"model.guidance_scale={g}"], best_of=1,
+            baseline_run(suite, f"base_g{g}", seed, run_dir, setting=guidance_setting(g), best_of=1,
                          tuning=True)
         scores[g] = sum(trial_score(r, t.prompt_set, t.metric) for r in runs) / len(runs)
     best = max(spec.guidance, key=lambda g: scores[g])
@@ -425,7 +431,7 @@ def run_baselines(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.out_dir or Path("benchmarks") / "results" / suite.name).expanduser()
     for seed in suite_seeds(cfg):
         baseline_run(suite, f"base_g{best}", seed, out_dir / "runs" / f"base_g{best}_s{seed}",
-                     setting=[f"model.guidance_scale={best}"], best_of=1)
+                     setting=guidance_setting(best), best_of=1)
         baseline_run(suite, f"best_of_{spec.best_of}", seed, out_dir / "runs" / f"best_of_{spec.best_of}_s{seed}",
                      setting=[], best_of=int(spec.best_of))
     merge_evals(out_dir, suite.name)
